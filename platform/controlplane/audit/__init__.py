@@ -1,0 +1,1 @@
+"""Append-only audit log. Issue 7."""

@@ -1,0 +1,1 @@
+"""Federations, participants, rounds, schedules. Issues 6 and 7."""

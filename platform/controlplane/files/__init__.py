@@ -1,0 +1,1 @@
+"""OpenAI-style Files API: upload, validate, encrypted storage. Issue 7."""

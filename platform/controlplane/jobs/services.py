@@ -1,0 +1,193 @@
+"""Writes for the job pattern: enqueue, claim, renew, complete, reap.
+
+Every state change is a single conditional UPDATE, so two workers (or a worker and the
+reaper) racing on one row cannot both win.
+"""
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+
+from django.apps import apps
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from controlplane.celery import app as celery_app
+
+from .models import DiagnosticJob, LeasedJob
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """The job is no longer ours: cancelled, or re-queued after our lease expired."""
+
+
+def worker_identity() -> str:
+    """A lease owner name unique to this process and this claim."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def job_enqueue(*, job: LeasedJob) -> None:
+    """Ring the bell for `job` once the surrounding transaction commits."""
+    model = type(job)
+    transaction.on_commit(
+        lambda: celery_app.send_task(model.run_task, args=[job.pk], queue=model.run_queue)
+    )
+
+
+def job_claim(
+    *, model: type[LeasedJob], job_id: int, owner: str, lease_seconds: int | None = None
+) -> LeasedJob | None:
+    """Take `queued -> running` for `owner`; None when there is nothing to claim.
+
+    None means a duplicate delivery, a finished job, or a job another worker holds.
+    """
+    lease = timedelta(seconds=lease_seconds or settings.ENCLAVE_JOB_LEASE_SECONDS)
+    now = timezone.now()
+    claimed = model.objects.filter(pk=job_id, status=LeasedJob.Status.QUEUED).update(
+        status=LeasedJob.Status.RUNNING,
+        lease_owner=owner,
+        lease_expires_at=now + lease,
+        attempts=F("attempts") + 1,
+        started_at=now,
+    )
+    return model.objects.get(pk=job_id) if claimed else None
+
+
+def job_renew_lease(*, job: LeasedJob, lease_seconds: int | None = None, **progress) -> None:
+    """Extend our lease and save `progress` fields in the same update.
+
+    Raises LeaseLost when the row is no longer running under our name (cancelled, or
+    reaped and claimed by another worker): the caller must stop without writing more.
+    """
+    lease = timedelta(seconds=lease_seconds or settings.ENCLAVE_JOB_LEASE_SECONDS)
+    expires = timezone.now() + lease
+    updated = (
+        type(job)
+        .objects.filter(pk=job.pk, status=LeasedJob.Status.RUNNING, lease_owner=job.lease_owner)
+        .update(lease_expires_at=expires, **progress)
+    )
+    if not updated:
+        raise LeaseLost(f"{type(job).__name__} {job.pk} is no longer held by {job.lease_owner}")
+    job.lease_expires_at = expires
+    for name, value in progress.items():
+        setattr(job, name, value)
+
+
+def job_complete(*, job: LeasedJob, status: str, error: str = "", **fields) -> bool:
+    """Close a job we hold with a terminal `status`; False if it was no longer ours."""
+    if status not in LeasedJob.TERMINAL:
+        raise ValueError(f"{status!r} is not a terminal job status")
+    return bool(
+        type(job)
+        .objects.filter(pk=job.pk, status=LeasedJob.Status.RUNNING, lease_owner=job.lease_owner)
+        .update(
+            status=status,
+            error=error,
+            finished_at=timezone.now(),
+            lease_owner="",
+            lease_expires_at=None,
+            **fields,
+        )
+    )
+
+
+def job_run(*, model: type[LeasedJob], job_id: int, work: Callable[[LeasedJob], dict]) -> bool:
+    """Claim job `job_id`, run `work(job)`, and close the row; False if nothing was claimed.
+
+    `work` renews the lease between its steps (job_renew_lease) and returns the fields to
+    store on success. An exception fails the job with its message; LeaseLost just stops.
+    """
+    job = job_claim(model=model, job_id=job_id, owner=worker_identity())
+    if job is None:
+        log.info("%s %s: nothing to claim (duplicate delivery or finished)", model.__name__, job_id)
+        return False
+    try:
+        fields = work(job) or {}
+    except LeaseLost:
+        log.warning("%s %s: lease lost, stopping", model.__name__, job_id)
+        return False
+    except Exception as exc:
+        log.exception("%s %s failed", model.__name__, job_id)
+        job_complete(job=job, status=LeasedJob.Status.FAILED, error=f"{type(exc).__name__}: {exc}")
+        raise
+    return job_complete(job=job, status=LeasedJob.Status.SUCCEEDED, **fields)
+
+
+def leased_job_models() -> list[type[LeasedJob]]:
+    """Every concrete job type installed, so the reaper needs no list of its own."""
+    return [m for m in apps.get_models() if issubclass(m, LeasedJob) and m.run_task]
+
+
+def job_reap_expired(*, now=None) -> int:
+    """Re-queue running jobs whose lease expired, or fail those out of attempts.
+
+    Returns how many jobs were re-queued. Each re-queue is a compare-and-set on the
+    expired lease, so a worker that renews at the last moment keeps its job.
+    """
+    now = now or timezone.now()
+    requeued = 0
+    for model in leased_job_models():
+        expired = model.objects.filter(status=LeasedJob.Status.RUNNING, lease_expires_at__lt=now)
+        for job in expired.only("pk", "attempts", "lease_owner", "lease_expires_at"):
+            still_expired = model.objects.filter(
+                pk=job.pk,
+                status=LeasedJob.Status.RUNNING,
+                lease_owner=job.lease_owner,
+                lease_expires_at__lt=now,
+            )
+            if job.attempts >= settings.ENCLAVE_JOB_MAX_ATTEMPTS:
+                still_expired.update(
+                    status=LeasedJob.Status.FAILED,
+                    error=f"lease expired after {job.attempts} attempts",
+                    finished_at=now,
+                    lease_owner="",
+                    lease_expires_at=None,
+                )
+                continue
+            with transaction.atomic():
+                if still_expired.update(
+                    status=LeasedJob.Status.QUEUED, lease_owner="", lease_expires_at=None
+                ):
+                    log.warning("%s %s: lease expired, re-queued", model.__name__, job.pk)
+                    job_enqueue(job=job)
+                    requeued += 1
+    return requeued
+
+
+def diagnostic_job_create(*, steps: int = 3, step_seconds: float = 0.0) -> DiagnosticJob:
+    """Create a diagnostic job and ring the bell for it."""
+    if steps < 1 or step_seconds < 0:
+        raise ValueError("a diagnostic job needs steps >= 1 and step_seconds >= 0")
+    with transaction.atomic():
+        job = DiagnosticJob.objects.create(steps=steps, step_seconds=step_seconds)
+        job_enqueue(job=job)
+    return job
+
+
+def diagnostic_job_run(*, job_id: int) -> bool:
+    """Run a diagnostic job from its saved progress; see DiagnosticJob."""
+    import platform
+    import time
+
+    def work(job: DiagnosticJob) -> dict:
+        for step in range(job.progress, job.steps):
+            time.sleep(job.step_seconds)
+            job_renew_lease(job=job, progress=step + 1)
+        return {
+            "result": {
+                "steps": job.steps,
+                "worker_pid": os.getpid(),
+                "worker_host": socket.gethostname(),
+                # The stdlib module, not the platform/ folder: proves the path is right.
+                "system": platform.system(),
+            }
+        }
+
+    return job_run(model=DiagnosticJob, job_id=job_id, work=work)

@@ -1,0 +1,1 @@
+"""/v1/chat/completions, /v1/models, batches; hosts the engine. Issue 7."""

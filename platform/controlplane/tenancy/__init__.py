@@ -1,0 +1,1 @@
+"""Tenants, members and roles, API keys, per-tenant keys, quotas, usage metering."""

@@ -1,0 +1,1 @@
+"""Fine-tuning jobs, events, checkpoints, adapters (the model registry). Issue 7."""

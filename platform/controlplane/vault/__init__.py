@@ -1,0 +1,1 @@
+"""Envelope encryption of every stored blob (datasets, adapters, checkpoints). Issue 7."""

@@ -1,0 +1,122 @@
+"""Fixtures shared by the whole suite: real services, real processes.
+
+PostgreSQL and Redis must be running; the session stops at once, saying how to start
+them, when either is unreachable. Worker and web fixtures start the same commands an
+operator runs (controlplane.launch), pointed at the test database.
+"""
+
+import time
+import uuid
+
+import psycopg
+import pytest
+import redis
+
+from tests import settings as test_settings
+
+START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+START_REDIS = "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no"
+
+
+def _check_services() -> None:
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    try:
+        psycopg.connect(
+            host=db["HOST"],
+            port=db["PORT"] or 5432,
+            user=db["USER"],
+            password=db["PASSWORD"] or None,
+            dbname="postgres",
+            connect_timeout=3,
+        ).close()
+    except psycopg.OperationalError as exc:
+        pytest.exit(
+            f"PostgreSQL is not reachable at {db['HOST']}:{db['PORT']} ({exc}).\n"
+            f"Start it with: {START_POSTGRES}\n"
+            f"or point ENCLAVE_TEST_DATABASE_URL at a running server.",
+            returncode=3,
+        )
+    try:
+        client = redis.Redis.from_url(test_settings.TEST_REDIS_URL, socket_timeout=2)
+        client.ping()
+        client.flushdb()  # the suite's own db number: stale messages from an earlier run
+    except redis.RedisError as exc:
+        pytest.exit(
+            f"Redis is not reachable at {test_settings.TEST_REDIS_URL} ({exc}).\n"
+            f"Start it with: {START_REDIS}\n"
+            f"or point ENCLAVE_TEST_REDIS_URL at a running server.",
+            returncode=3,
+        )
+
+
+def pytest_sessionstart(session):
+    _check_services()
+
+
+@pytest.fixture(scope="session")
+def test_database_url(django_db_setup, django_db_blocker) -> str:
+    """The URL of the database pytest-django created, for child processes."""
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def process_env(test_database_url):
+    """What a child process needs to share the suite's database and broker."""
+    from controlplane import launch
+
+    return launch.process_env(
+        {
+            "DATABASE_URL": test_database_url,
+            "CELERY_BROKER_URL": test_settings.TEST_REDIS_URL,
+            "DJANGO_SETTINGS_MODULE": "controlplane.settings",
+            # Short leases and a fast reaper, so durability tests run in seconds.
+            "ENCLAVE_JOB_LEASE_SECONDS": "3",
+            "ENCLAVE_REAPER_INTERVAL_SECONDS": "1",
+        }
+    )
+
+
+@pytest.fixture
+def start_worker(process_env, tmp_path):
+    """Start real `celery worker` processes; each is stopped (group killed) at teardown."""
+    from controlplane import launch
+
+    started = []
+
+    def start(queues: str = "default,train") -> launch.ManagedProcess:
+        name = f"test-{uuid.uuid4().hex[:6]}"
+        worker = launch.ManagedProcess(
+            name,
+            launch.worker_command(queues=queues, name=name),
+            log_path=tmp_path / f"{name}.log",
+            env=process_env,
+        )
+        started.append(worker)
+        worker.wait_for_log("ready.", timeout=60)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def celery_worker(start_worker):
+    """One real worker process on both queues."""
+    return start_worker()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
