@@ -177,6 +177,8 @@ def diagnostic_job_run(*, job_id: int) -> bool:
     import time
 
     def work(job: DiagnosticJob) -> dict:
+        if job.progress:
+            log.info("diagnostic job %s resumed at step %s", job.pk, job.progress)
         for step in range(job.progress, job.steps):
             time.sleep(job.step_seconds)
             job_renew_lease(job=job, progress=step + 1)

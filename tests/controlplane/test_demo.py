@@ -1,0 +1,59 @@
+"""`make demo` at this stage: runs one job end to end and leaves no process behind."""
+
+import re
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from tests.controlplane.test_foundation import REPO, _clean_env
+
+
+def _processes_mentioning(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if marker in " ".join(proc.info["cmdline"] or []) or any(
+                marker in v for v in proc.environ().values()
+            ):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_demo_runs_a_job_on_the_embedded_default_and_stops_everything(tmp_path):
+    var = tmp_path / "var"
+    result = subprocess.run(
+        [sys.executable, "manage.py", "demo"],
+        cwd=REPO,
+        env=_clean_env(ENCLAVE_VAR_DIR=str(var)),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "database=sqlite3, broker=filesystem" in out
+    assert re.search(r"job\s+diagnostic #\d+\s+status=succeeded", out), out
+    assert "tenant       demo-bank" in out
+    assert (var / "enclave.sqlite3").exists()
+
+    pids = [int(p) for p in re.search(r"\(pid (\d+)\); worker pid (\d+)", out).groups()]
+    assert not [p for p in pids if psutil.pid_exists(p)]
+    assert _processes_mentioning(str(var)) == []
+
+    # A second run reuses the database and the tenant.
+    again = subprocess.run(
+        [sys.executable, "manage.py", "demo"],
+        cwd=REPO,
+        env=_clean_env(ENCLAVE_VAR_DIR=str(var)),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "status=succeeded" in again.stdout
+    assert _processes_mentioning(str(var)) == []
