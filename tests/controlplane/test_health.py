@@ -14,7 +14,7 @@ from tests.controlplane.test_foundation import REPO, _clean_env
 
 def _get_in_process(path: str, tmp_path, **env) -> tuple[int, dict]:
     code = (
-        f"from django.test import Client; r = Client(HTTP_HOST=\"localhost\").get({path!r}); "
+        f'from django.test import Client; r = Client(HTTP_HOST="localhost").get({path!r}); '
         "print(r.status_code, r.content.decode())"
     )
     out = subprocess.run(

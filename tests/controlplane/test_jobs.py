@@ -3,7 +3,6 @@
 import os
 import platform
 import signal
-import time
 from datetime import timedelta
 
 import psutil
