@@ -1,0 +1,150 @@
+"""Build, load and call the C FP8 CPU kernels (``inference/csrc/fp8_cpu.c``).
+
+The kernel is plain C with OpenMP, compiled by the machine's ``cc`` on first use into a
+cache directory (``$ENCLAVE_KERNEL_CACHE``, default ``~/.cache/enclave/kernels``) under a name
+that hashes the source, the flags and the CPU, so a rebuilt source or another CPU builds
+anew. It is loaded with ctypes: no PyTorch headers, so a build takes about a second instead
+of the half minute a ``torch.utils.cpp_extension`` build takes. Its libgomp dependency is
+resolved by soname to the libgomp PyTorch has already loaded, so the process keeps one
+OpenMP runtime.
+
+If no compiler is found or the build fails, ``available()`` is False and the FP8 dispatch
+simply never picks these kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "fp8_cpu.c"
+FLAGS = [
+    "-O3",
+    "-march=native",
+    # Let the compiler vectorise the dot-product reductions (reassociation only).
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fno-signed-zeros",
+    "-fassociative-math",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+]
+PANEL_ROWS = 256  # weight rows dequantised per panel in the large-batch kernel
+MAX_FUSED_ROWS = 16  # must match MAX_FUSED_ROWS in the C source
+
+
+def _cache_dir() -> Path:
+    return Path(
+        os.environ.get("ENCLAVE_KERNEL_CACHE", Path.home() / ".cache" / "enclave" / "kernels")
+    )
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") or line.startswith("model name"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """Compile the kernel if needed; return the shared library's path. Raises RuntimeError
+    (with the compiler's output) when there is no compiler or the build fails."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    digest = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    cache_dir = cache_dir or _cache_dir()
+    target = cache_dir / f"enclave_fp8_cpu_{digest}.so"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [cc, *FLAGS, str(SOURCE), "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed:\n{' '.join(cmd)}\n{proc.stderr}")
+        os.replace(out, target)  # atomic: concurrent builders never see a half-written file
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    # Cached per process: the compiled library is immutable once loaded.
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError):
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.fp8_dequant_rows.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.fp8_dequant_rows.restype = None
+    lib.fp8_gemm_fused.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.fp8_gemm_fused.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """True when the kernel is built (or buildable) and loaded."""
+    return _library() is not None
+
+
+def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        raise RuntimeError("fp8_cpu wants a 2-D float32 CPU activation")
+    if q.shape[1] != x.shape[1] or scale.dtype != torch.float32:
+        raise RuntimeError("fp8_cpu: shape or scale dtype mismatch")
+
+
+def gemm_fused(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 (M <= 16) @ dequant(q [N, K], scale).T -> [M, N], fused decode."""
+    _check(x, q, scale)
+    m, k = x.shape
+    n = q.shape[0]
+    if m > MAX_FUSED_ROWS:
+        raise RuntimeError(f"fused FP8 kernel takes at most {MAX_FUSED_ROWS} rows")
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("fp8_cpu kernel is not available")
+    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.fp8_gemm_fused(
+        x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads()
+    )
+    return y
+
+
+def gemm_panels(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 @ dequant(q [N, K], scale).T -> [M, N] for larger M: dequantises
+    PANEL_ROWS weight rows at a time into a small buffer and hands each panel to PyTorch's
+    matmul, so the float32 weight never exists in full."""
+    _check(x, q, scale)
+    m, k = x.shape
+    n = q.shape[0]
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("fp8_cpu kernel is not available")
+    q, scale = q.contiguous(), scale.contiguous()
+    xt = x.t()
+    panel = torch.empty(min(PANEL_ROWS, n), k, dtype=torch.float32)
+    # Compute y.T row-panel by row-panel: each panel's output is a contiguous slice.
+    yt = torch.empty(n, m, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    for n0 in range(0, n, PANEL_ROWS):
+        n1 = min(n0 + PANEL_ROWS, n)
+        lib.fp8_dequant_rows(q.data_ptr(), scale.data_ptr(), panel.data_ptr(), n0, n1, k, threads)
+        torch.mm(panel[: n1 - n0], xt, out=yt[n0:n1])
+    return yt.t().contiguous()
