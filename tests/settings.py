@@ -17,6 +17,7 @@ TEST_DATABASE_URL = os.environ.get(
 TEST_REDIS_URL = os.environ.get("ENCLAVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 os.environ["DATABASE_URL"] = TEST_DATABASE_URL
 os.environ["CELERY_BROKER_URL"] = TEST_REDIS_URL
+os.environ["CACHE_URL"] = TEST_REDIS_URL.rsplit("/", 1)[0] + "/12"
 os.environ["ENCLAVE_VAR_DIR"] = os.environ.get(
     "ENCLAVE_TEST_VAR_DIR", str(Path(__file__).resolve().parents[1] / "var" / "test")
 )

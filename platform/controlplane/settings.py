@@ -62,6 +62,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "controlplane.middleware.RequestIdMiddleware",
+    "controlplane.middleware.AuditMiddleware",
 ]
 
 ROOT_URLCONF = "controlplane.urls"
@@ -120,7 +122,23 @@ STORAGES = {
 
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_AUTHENTICATION_CLASSES": ["controlplane.api.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["controlplane.api.HasRole"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "controlplane.api_errors.openai_exception_handler",
+    "UNAUTHENTICATED_USER": None,
 }
+
+# Shared cache: rate-limit windows. Redis in production and tests; a file cache (shared by
+# the demo's processes) on the embedded default.
+CACHES = {"default": env.cache_url("CACHE_URL", default=f"filecache://{VAR_DIR / 'cache'}")}
+
+# Uploads stay in memory (up to the limit) and go straight into the vault encrypted:
+# Django's default would spool large uploads to a plaintext temporary file.
+ENCLAVE_FILE_MAX_BYTES = env.int("ENCLAVE_FILE_MAX_BYTES", default=64 * 1024 * 1024)
+FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.MemoryFileUploadHandler"]
+FILE_UPLOAD_MAX_MEMORY_SIZE = ENCLAVE_FILE_MAX_BYTES + 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = ENCLAVE_FILE_MAX_BYTES + 1024 * 1024
 SPECTACULAR_SETTINGS = {
     "TITLE": "Enclave API",
     "DESCRIPTION": "OpenAI-compatible API for tenants' fine-tuning, serving and federations.",

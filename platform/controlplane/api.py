@@ -1,0 +1,62 @@
+"""What every /v1 endpoint shares: API-key authentication and roles (errors: api_errors)."""
+
+from dataclasses import dataclass
+
+from rest_framework import exceptions, permissions
+from rest_framework.authentication import BaseAuthentication, get_authorization_header
+
+from controlplane.tenancy.models import Role, Tenant
+from controlplane.tenancy.services import api_key_authenticate
+
+ROLE_RANK = {Role.AUDITOR: 0, Role.MEMBER: 1, Role.ADMIN: 2}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a tenant, a role in it, and a name for the audit log."""
+
+    tenant: Tenant
+    role: str
+    actor: str
+    is_authenticated: bool = True
+
+    def can(self, role: str) -> bool:
+        return ROLE_RANK[self.role] >= ROLE_RANK[role]
+
+
+class ApiKeyAuthentication(BaseAuthentication):
+    """`Authorization: Bearer enc_...`, as the openai client sends it."""
+
+    def authenticate(self, request):
+        header = get_authorization_header(request).decode("latin-1")
+        if not header:
+            return None
+        scheme, _, raw = header.partition(" ")
+        if scheme.lower() != "bearer" or not raw.strip():
+            raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <API key>'.")
+        key = api_key_authenticate(raw=raw.strip())
+        if key is None:
+            raise exceptions.AuthenticationFailed(
+                "Incorrect, revoked or expired API key provided.", code="invalid_api_key"
+            )
+        principal = Principal(tenant=key.tenant, role=key.role, actor=f"key:{key.prefix}")
+        request._request.principal = principal  # for the audit middleware
+        return principal, key
+
+    def authenticate_header(self, request):
+        return 'Bearer realm="enclave"'
+
+
+class HasRole(permissions.BasePermission):
+    """Reads need any role; writes need the view's `write_role` (default: member)."""
+
+    message = "Your role in this tenant does not allow this action."
+
+    def has_permission(self, request, view):
+        principal = request.user
+        if not isinstance(principal, Principal):
+            return False
+        needed = getattr(view, "read_role", Role.AUDITOR)
+        if request.method not in permissions.SAFE_METHODS:
+            needed = getattr(view, "write_role", Role.MEMBER)
+        return principal.can(needed)
