@@ -72,12 +72,12 @@ class ApiKey(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
 
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.tenant}, {self.role})"
+
     def is_active(self, now=None) -> bool:
         now = now or timezone.now()
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
-
-    def __str__(self) -> str:
-        return f"{self.prefix}… ({self.tenant}, {self.role})"
 
 
 class DailyUsage(models.Model):
@@ -94,3 +94,6 @@ class DailyUsage(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["tenant", "day"], name="one_usage_row_a_day")
         ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant} {self.day}"

@@ -30,7 +30,7 @@ class Command(BaseCommand):
         except ValidationError as exc:
             raise CommandError(
                 "; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())
-            )
+            ) from exc
         self.stderr.write(
             f"API key {key.prefix} ({role}) for {tenant.slug}; it is shown once, store it now:"
         )

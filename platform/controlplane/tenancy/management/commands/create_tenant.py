@@ -20,5 +20,5 @@ class Command(BaseCommand):
         except ValidationError as exc:
             raise CommandError(
                 "; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())
-            )
+            ) from exc
         self.stdout.write(f"created tenant {tenant.slug} ({tenant.name}, {tenant.vertical})")
