@@ -4,9 +4,10 @@ from dataclasses import dataclass
 
 from rest_framework import exceptions, permissions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.throttling import BaseThrottle
 
 from controlplane.tenancy.models import Role, Tenant
-from controlplane.tenancy.services import api_key_authenticate
+from controlplane.tenancy.services import RateLimited, api_key_authenticate, rate_limit_consume
 
 ROLE_RANK = {Role.AUDITOR: 0, Role.MEMBER: 1, Role.ADMIN: 2}
 
@@ -60,3 +61,27 @@ class HasRole(permissions.BasePermission):
         if request.method not in permissions.SAFE_METHODS:
             needed = getattr(view, "write_role", Role.MEMBER)
         return principal.can(needed)
+
+
+class TenantRateThrottle(BaseThrottle):
+    """Every authenticated /v1 request counts against its tenant's requests per minute.
+
+    Token rates are charged where tokens are known (chat completions, training).
+    """
+
+    def __init__(self):
+        self._wait: int | None = None
+
+    def allow_request(self, request, view):
+        principal = request.user
+        if not isinstance(principal, Principal):
+            return True  # authentication or permission will refuse it
+        try:
+            rate_limit_consume(tenant=principal.tenant, requests=1)
+        except RateLimited as exc:
+            self._wait = exc.retry_after
+            return False
+        return True
+
+    def wait(self):
+        return self._wait

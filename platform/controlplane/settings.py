@@ -124,6 +124,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_AUTHENTICATION_CLASSES": ["controlplane.api.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["controlplane.api.HasRole"],
+    "DEFAULT_THROTTLE_CLASSES": ["controlplane.api.TenantRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "controlplane.api_errors.openai_exception_handler",
     "UNAUTHENTICATED_USER": None,
