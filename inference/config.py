@@ -25,7 +25,13 @@ _ROPE_TYPES = ("default", "yarn")
 
 # HF keys that ModelConfig reads into fields, so they are not copied into `extra`.
 _ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")
-_DERIVED_HF_KEYS = ("qk_head_dim", "head_dim", "num_key_value_heads", "num_nextn_predict_layers")
+_DERIVED_HF_KEYS = (
+    "qk_head_dim",
+    "head_dim",
+    "num_key_value_heads",
+    "num_nextn_predict_layers",
+    "architectures",
+)
 
 
 @dataclass

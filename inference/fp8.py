@@ -348,7 +348,9 @@ def fp8_target_names(model: nn.Module) -> list[str]:
     router, plus (our choice, for memory) the LM head. Embeddings and norms stay wide."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (".layers." in f".{name}" or name == "lm_head"):
+        if isinstance(module, nn.Linear) and (
+            name.startswith("model.layers.") or name == "lm_head"
+        ):
             names.append(name)
     return names
 

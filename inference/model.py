@@ -217,6 +217,7 @@ class Gate(nn.Module):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        nn.init.normal_(self.weight, std=config.hidden_size**-0.5)
         if config.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
         else:

@@ -1,0 +1,249 @@
+"""Serving many LoRA adapters in one batch.
+
+An adapter is a PEFT LoRA directory: ``adapter_config.json`` (``peft_type: "LORA"``, ``r``,
+``lora_alpha``, optional ``rank_pattern``/``alpha_pattern``/``use_rslora``) and
+``adapter_model.safetensors`` with keys like
+``base_model.model.model.layers.0.self_attn.q_a_proj.lora_A.weight``. We read PEFT's files
+directly rather than wrapping the model in ``PeftModel``: peft applies one active adapter to
+the whole batch, while a serving step mixes rows of many adapters (and rows of none).
+
+Per step a ``LoRABatch`` says which adapter each row (token) uses. For every target module
+the base output gets ``scale * (x @ A.T) @ B.T`` added for the rows of each adapter: a
+segment loop over the adapters present in the step (S-LoRA, Sheng et al., 2023,
+arXiv:2311.03285; Punica, Chen et al., 2023, arXiv:2310.18547), never a loop over tokens.
+
+Absorbed MLA decode never runs ``kv_b_proj`` as a linear layer; its LoRA delta
+``scale * B @ A`` is applied in the same absorbed form (see ``absorbed_query`` and
+``absorbed_output``), which is exact because everything involved is linear.
+
+``AdapterCache`` loads adapters on demand and keeps at most ``max_active`` in memory,
+evicting the least recently used one that no running request holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class LoRAAdapter:
+    """One loaded adapter: module name -> (A [r, in], B [out, r], scale)."""
+
+    path: str
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """What prefix-cache hashes use to tell adapters apart."""
+        return self.path
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """Raise ValueError unless ``path`` is a PEFT LoRA directory; return it resolved."""
+    p = Path(path)
+    if not (p / CONFIG_NAME).is_file():
+        raise ValueError(f"adapter {path}: no {CONFIG_NAME} (not a PEFT adapter directory)")
+    if not (p / WEIGHTS_NAME).is_file():
+        raise ValueError(f"adapter {path}: no {WEIGHTS_NAME}")
+    return p.resolve()
+
+
+def _scale(cfg: dict, module_name: str, r: int) -> float:
+    alpha = cfg.get("lora_alpha", 8)
+    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+        if re.search(rf"(^|\.){pattern}$", module_name):
+            alpha = value
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def load_adapter(
+    path: str | Path, model: nn.Module, dtype: torch.dtype, device: str | torch.device
+) -> LoRAAdapter:
+    """Read a PEFT LoRA adapter for ``model`` (an ``inference.model.Transformer``).
+
+    Raises ValueError naming the file and tensor for: a missing file, a non-LoRA or DoRA
+    config, a bias, a key that names no linear layer of the model, a missing A or B, or a
+    shape that disagrees with the layer.
+    """
+    p = check_adapter_dir(path)
+    cfg = json.loads((p / CONFIG_NAME).read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{p / CONFIG_NAME}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    if cfg.get("use_dora"):
+        raise ValueError(f"{p / CONFIG_NAME}: DoRA adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{p / CONFIG_NAME}: bias {cfg['bias']!r} is not supported")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(p / WEIGHTS_NAME), framework="pt") as f:
+        for key in f.keys():
+            m = _KEY_RE.match(key)
+            if m is None:
+                raise ValueError(f"{p / WEIGHTS_NAME}: tensor {key} is not a LoRA A/B weight")
+            pairs.setdefault(m.group(1), {})[m.group(2)] = f.get_tensor(key)
+    adapter = LoRAAdapter(path=str(p))
+    for name, ab in sorted(pairs.items()):
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{p / WEIGHTS_NAME}: {name} is not a linear layer of the model")
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{p / WEIGHTS_NAME}: {name} lacks lora_A or lora_B")
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        if a.shape != (r, layer.in_features) or b.shape != (layer.out_features, r):
+            raise ValueError(
+                f"{p / WEIGHTS_NAME}: {name} has A {list(a.shape)} and B {list(b.shape)}, "
+                f"layer is {layer.out_features}x{layer.in_features}"
+            )
+        adapter.weights[name] = (
+            a.to(device=device, dtype=dtype).contiguous(),
+            b.to(device=device, dtype=dtype).contiguous(),
+            _scale(cfg, name, r),
+        )
+    return adapter
+
+
+class AdapterCache:
+    """At most ``max_active`` loaded adapters, least recently used evicted first.
+
+    ``acquire(path)`` returns the adapter (loading it if needed) and pins it; ``release``
+    unpins. Returns None from ``acquire`` when every slot is pinned (the caller waits).
+    Thread-safe, though the engine only calls it from its scheduler thread.
+    """
+
+    def __init__(self, model: nn.Module, max_active: int, dtype: torch.dtype, device):
+        if max_active < 1:
+            raise ValueError(f"max_active_adapters must be >= 1, got {max_active}")
+        self.model, self.max_active, self.dtype, self.device = model, max_active, dtype, device
+        self._loaded: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self._pins: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, path: str) -> LoRAAdapter | None:
+        key = str(Path(path).resolve())
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+            else:
+                if len(self._loaded) >= self.max_active:
+                    victim = next((k for k in self._loaded if not self._pins.get(k)), None)
+                    if victim is None:
+                        return None
+                    del self._loaded[victim]
+                self._loaded[key] = load_adapter(key, self.model, self.dtype, self.device)
+            self._pins[key] = self._pins.get(key, 0) + 1
+            return self._loaded[key]
+
+    def release(self, adapter: LoRAAdapter) -> None:
+        with self._lock:
+            self._pins[adapter.path] -= 1
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+
+class LoRABatch:
+    """Which adapter each row of a step uses, and the per-module delta math.
+
+    ``row_adapters``: one entry per row, an adapter or None. Rows with the same adapter
+    need not be contiguous; each adapter's rows are gathered once per step.
+    """
+
+    def __init__(self, row_adapters: list[LoRAAdapter | None], device):
+        self.adapters: list[LoRAAdapter] = []
+        slot_of: dict[str, int] = {}
+        slots = []
+        for a in row_adapters:
+            if a is None:
+                slots.append(-1)
+                continue
+            if a.path not in slot_of:
+                slot_of[a.path] = len(self.adapters)
+                self.adapters.append(a)
+            slots.append(slot_of[a.path])
+        self.row_slot = torch.tensor(slots, dtype=torch.int64, device=device)
+        self.rows = [
+            (a, (self.row_slot == i).nonzero().squeeze(1)) for i, a in enumerate(self.adapters)
+        ]
+
+    def __bool__(self) -> bool:
+        return bool(self.adapters)
+
+    def _segments(self, rows: torch.Tensor | None):
+        if rows is None:
+            return self.rows
+        slots = self.row_slot[rows]
+        return [(a, (slots == i).nonzero().squeeze(1)) for i, a in enumerate(self.adapters)]
+
+    def add(
+        self, name: str, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """y[i] += scale * B @ A @ x[i] for each row with an adapter targeting ``name``.
+
+        ``x`` [n, in], ``y`` [n, out]; ``rows`` maps them to step rows (None: identity).
+        Returns y (updated in place).
+        """
+        for adapter, idx in self._segments(rows):
+            w = adapter.weights.get(name)
+            if w is None or idx.numel() == 0:
+                continue
+            a, b, s = w
+            y.index_add_(0, idx, (x[idx] @ a.T) @ b.T, alpha=s)
+        return y
+
+    def add_one(self, name: str, adapter: LoRAAdapter | None, x: torch.Tensor, y: torch.Tensor):
+        """y += scale * B @ A @ x for every row: all rows use ``adapter`` (or none)."""
+        w = adapter.weights.get(name) if adapter is not None else None
+        if w is not None:
+            a, b, s = w
+            y.add_((x @ a.T) @ b.T, alpha=s)
+        return y
+
+    # Absorbed MLA: kv_b_proj's weight W [H*(dn+dv), R] enters decode as W_UK [H, dn, R]
+    # (folded into the query) and W_UV [H, dv, R] (folded into the output). A LoRA delta
+    # s * B @ A splits the same way: B [H*(dn+dv), r] -> B_UK [H, dn, r], B_UV [H, dv, r].
+
+    def absorbed_query(
+        self, name: str, q_nope: torch.Tensor, q_lat: torch.Tensor, rows: torch.Tensor, dn: int
+    ) -> None:
+        """q_lat [n, H, R] += s * (q_nope [n, H, dn] . B_UK) @ A for adapter rows."""
+        for adapter, idx in self._segments(rows):
+            w = adapter.weights.get(name)
+            if w is None or idx.numel() == 0:
+                continue
+            a, b, s = w
+            h = q_lat.shape[1]
+            b_uk = b.view(h, -1, b.shape[-1])[:, :dn]  # [H, dn, r]
+            t = torch.einsum("nhd,hdk->nhk", q_nope[idx], b_uk)
+            q_lat.index_add_(0, idx, t @ a, alpha=s)
+
+    def absorbed_output(
+        self, name: str, o_lat: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, dn: int
+    ) -> None:
+        """out [n, H, dv] += s * (o_lat [n, H, R] @ A.T) . B_UV for adapter rows."""
+        for adapter, idx in self._segments(rows):
+            w = adapter.weights.get(name)
+            if w is None or idx.numel() == 0:
+                continue
+            a, b, s = w
+            h = out.shape[1]
+            b_uv = b.view(h, -1, b.shape[-1])[:, dn:]  # [H, dv, r]
+            t = o_lat[idx] @ a.T  # [n, H, r]
+            out.index_add_(0, idx, torch.einsum("nhk,hvk->nhv", t, b_uv), alpha=s)
