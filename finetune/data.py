@@ -192,6 +192,7 @@ def _scan(path: str | Path, max_line_bytes: int, max_examples: int) -> Iterator[
                 yield _Scanned(number, None, None, [ValidationError(number, message)])
                 continue
             if not text.strip():
+                yield _Scanned(number, None, None, [])  # counted as read, nothing more
                 continue
             n_examples += 1
             if n_examples > max_examples:
