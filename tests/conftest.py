@@ -5,6 +5,7 @@ them, when either is unreachable. Worker and web fixtures start the same command
 operator runs (controlplane.launch), pointed at the test database.
 """
 
+import os
 import time
 import uuid
 
@@ -41,7 +42,6 @@ def _check_services() -> None:
     try:
         client = redis.Redis.from_url(test_settings.TEST_REDIS_URL, socket_timeout=2)
         client.ping()
-        client.flushdb()  # the suite's own db number: stale messages from an earlier run
     except redis.RedisError as exc:
         pytest.exit(
             f"Redis is not reachable at {test_settings.TEST_REDIS_URL} ({exc}).\n"
@@ -53,6 +53,20 @@ def _check_services() -> None:
 
 def pytest_sessionstart(session):
     _check_services()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Drop this run's broker and cache keys (each run has its own prefixes)."""
+    try:
+        for url, pattern in (
+            (test_settings.TEST_REDIS_URL, f"enclave-test-{test_settings.RUN_ID}:*"),
+            (os.environ["CACHE_URL"], f"*enclave-test-{test_settings.RUN_ID}*"),
+        ):
+            client = redis.Redis.from_url(url, socket_timeout=2)
+            for key in client.scan_iter(match=pattern, count=500):
+                client.delete(key)
+    except redis.RedisError:
+        pass  # the session already failed on an unreachable Redis
 
 
 @pytest.fixture(scope="session")
@@ -120,3 +134,37 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def live_server_url(process_env, tmp_path_factory):
+    """A real uvicorn process serving the platform on a free port, on the test database."""
+    from controlplane import launch
+
+    port = launch.free_port()
+    env = {**process_env, "ENCLAVE_FILE_MAX_BYTES": str(1024 * 1024)}
+    web = launch.ManagedProcess(
+        "web",
+        launch.web_command(port=port),
+        log_path=tmp_path_factory.mktemp("web") / "web.log",
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        launch.wait_until_ready(url, timeout=60, process=web)
+        yield url
+    finally:
+        web.stop()
+
+
+@pytest.fixture
+def make_tenant(db):
+    """Create a tenant with an API key of the given role; returns (tenant, raw key)."""
+    from controlplane.tenancy import services
+
+    def make(slug: str, role: str = "admin", vertical: str = "other"):
+        tenant = services.tenant_create(slug=slug, name=slug.title(), vertical=vertical)
+        _key, raw = services.api_key_create(tenant=tenant, role=role)
+        return tenant, raw
+
+    return make

@@ -15,6 +15,11 @@ TEST_DATABASE_URL = os.environ.get(
 )
 # db 11 is the suite's own Redis database; it is flushed at the start of a run.
 TEST_REDIS_URL = os.environ.get("ENCLAVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+# Several suites may run at once on one machine (developers, CI): each run gets its own
+# test database, its own broker key prefix and its own cache prefix, so none can drop,
+# drain or reset another's.
+RUN_ID = f"{os.getpid()}"
+os.environ["ENCLAVE_BROKER_KEY_PREFIX"] = f"enclave-test-{RUN_ID}:"
 os.environ["DATABASE_URL"] = TEST_DATABASE_URL
 os.environ["CELERY_BROKER_URL"] = TEST_REDIS_URL
 os.environ["CACHE_URL"] = TEST_REDIS_URL.rsplit("/", 1)[0] + "/12"
@@ -24,6 +29,9 @@ os.environ["ENCLAVE_VAR_DIR"] = os.environ.get(
 
 from controlplane.settings import *  # noqa: E402,F403
 from controlplane.settings import CELERY_BROKER_URL, DATABASES  # noqa: E402
+
+DATABASES["default"]["TEST"] = {"NAME": f"test_enclave_{RUN_ID}"}
+CACHES["default"]["KEY_PREFIX"] = f"enclave-test-{RUN_ID}"  # noqa: F405
 
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ImproperlyConfigured(f"the test suite runs on PostgreSQL, not {TEST_DATABASE_URL}")

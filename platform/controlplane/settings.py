@@ -157,6 +157,11 @@ LOGGING = {
 BROKER_DIR = VAR_DIR / "broker"
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://localhost/")
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # A prefix on every broker key lets several deployments (or test runs) share a server.
+    CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = env.str(
+        "ENCLAVE_BROKER_KEY_PREFIX", default=""
+    )
 if CELERY_BROKER_URL.startswith("filesystem://"):
     for sub in ("queue", "processed", "control"):
         (BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)

@@ -167,3 +167,37 @@ def test_train_queue_is_one_at_a_time_late_ack_json_only():
     assert conf.beat_schedule["reap-expired-job-leases"]["task"] == "jobs.reap_expired_leases"
     celery_app.loader.import_default_modules()  # what a worker does at start: autodiscovery
     assert {"jobs.reap_expired_leases", "jobs.run_diagnostic"} <= set(celery_app.tasks)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_pause_resume_and_cancel_a_running_job(celery_worker):
+    job = services.diagnostic_job_create(steps=40, step_seconds=0.1)
+    wait_for(lambda: _reload(job).progress >= 2, timeout=60, what="progress")
+
+    services.job_request_stop(job=_reload(job), what="pause")
+    paused = wait_for(
+        lambda: (j := _reload(job)).status == S.PAUSED and j, timeout=30, what="the pause"
+    )
+    assert 2 <= paused.progress < 40 and paused.stop_request == ""
+    services.job_resume(job=paused)
+    wait_for(lambda: _reload(job).progress > paused.progress, timeout=30, what="resumed work")
+    assert f"resumed at step {paused.progress}" in celery_worker.log_text()
+
+    services.job_request_stop(job=_reload(job), what="cancel")
+    done = wait_for(lambda: _finished(job), timeout=30, what="the cancel")
+    assert done.status == S.CANCELLED and done.progress < 40
+
+    with pytest.raises(ValueError, match="cannot cancel a job that is cancelled"):
+        services.job_request_stop(job=done, what="cancel")
+    with pytest.raises(ValueError, match="cannot resume a job that is cancelled"):
+        services.job_resume(job=done)
+
+
+@pytest.mark.django_db
+def test_queued_jobs_stop_at_once():
+    queued = DiagnosticJob.objects.create(steps=1)
+    assert services.job_request_stop(job=queued, what="pause").status == S.PAUSED
+    assert services.job_request_stop(job=queued, what="cancel").status == S.CANCELLED
+    with pytest.raises(ValueError, match="unknown stop request"):
+        services.job_request_stop(job=queued, what="explode")

@@ -4,7 +4,6 @@ from datetime import timedelta
 from io import StringIO
 
 import pytest
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.utils import timezone
@@ -76,7 +75,6 @@ def test_revoked_expired_and_wrong_keys_do_not_authenticate(bank):
 
 
 def test_rate_limits_raise_with_retry_after(bank):
-    cache.clear()
     bank.requests_per_minute = 3
     bank.tokens_per_minute = 100
     for _ in range(3):
@@ -86,7 +84,6 @@ def test_rate_limits_raise_with_retry_after(bank):
     assert 1 <= raised.value.retry_after <= 60
     assert "3 requests per minute" in str(raised.value)
 
-    cache.clear()
     services.rate_limit_consume(tenant=bank, requests=0, tokens=90)
     with pytest.raises(services.RateLimited, match="100 tokens per minute"):
         services.rate_limit_consume(tenant=bank, requests=0, tokens=20)

@@ -18,6 +18,12 @@ class LeasedJob(models.Model):
         SUCCEEDED = "succeeded"
         FAILED = "failed"
         CANCELLED = "cancelled"
+        PAUSED = "paused"  # stopped on request with its state saved; resume re-queues it
+
+    class StopRequest(models.TextChoices):
+        NONE = ""
+        CANCEL = "cancel"
+        PAUSE = "pause"
 
     TERMINAL: ClassVar[frozenset[str]] = frozenset(
         {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}
@@ -33,6 +39,10 @@ class LeasedJob(models.Model):
     lease_owner = models.CharField(max_length=200, blank=True, default="")
     lease_expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
     attempts = models.PositiveIntegerField(default=0)
+    #: asked of the worker, which sees it between steps (job_renew_lease returns it)
+    stop_request = models.CharField(
+        max_length=8, choices=StopRequest.choices, blank=True, default=StopRequest.NONE
+    )
     error = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -60,11 +60,12 @@ def job_claim(
     return model.objects.get(pk=job_id) if claimed else None
 
 
-def job_renew_lease(*, job: LeasedJob, lease_seconds: int | None = None, **progress) -> None:
+def job_renew_lease(*, job: LeasedJob, lease_seconds: int | None = None, **progress) -> str:
     """Extend our lease and save `progress` fields in the same update.
 
-    Raises LeaseLost when the row is no longer running under our name (cancelled, or
-    reaped and claimed by another worker): the caller must stop without writing more.
+    Returns the job's stop request ("", "cancel" or "pause"), which the worker honours at
+    its next safe point. Raises LeaseLost when the row is no longer running under our
+    name (reaped and claimed by another worker): the caller must stop without writing.
     """
     lease = timedelta(seconds=lease_seconds or settings.ENCLAVE_JOB_LEASE_SECONDS)
     expires = timezone.now() + lease
@@ -78,11 +79,16 @@ def job_renew_lease(*, job: LeasedJob, lease_seconds: int | None = None, **progr
     job.lease_expires_at = expires
     for name, value in progress.items():
         setattr(job, name, value)
+    job.stop_request = (
+        type(job).objects.filter(pk=job.pk).values_list("stop_request", flat=True).first() or ""
+    )
+    return job.stop_request
 
 
 def job_complete(*, job: LeasedJob, status: str, error: str = "", **fields) -> bool:
-    """Close a job we hold with a terminal `status`; False if it was no longer ours."""
-    if status not in LeasedJob.TERMINAL:
+    """Close a job we hold with a terminal `status` (or `paused`, which keeps it resumable);
+    False if it was no longer ours."""
+    if status not in LeasedJob.TERMINAL | {LeasedJob.Status.PAUSED}:
         raise ValueError(f"{status!r} is not a terminal job status")
     return bool(
         type(job)
@@ -93,16 +99,57 @@ def job_complete(*, job: LeasedJob, status: str, error: str = "", **fields) -> b
             finished_at=timezone.now(),
             lease_owner="",
             lease_expires_at=None,
+            stop_request=LeasedJob.StopRequest.NONE,
             **fields,
         )
     )
 
 
+def job_request_stop(*, job: LeasedJob, what: str) -> LeasedJob:
+    """Cancel or pause a job.
+
+    A queued (or paused, for cancel) job stops at once; a running one is asked to stop and
+    its worker does so between steps. A finished job cannot be stopped: ValueError.
+    """
+    if what not in (LeasedJob.StopRequest.CANCEL, LeasedJob.StopRequest.PAUSE):
+        raise ValueError(f"unknown stop request {what!r}")
+    model = type(job)
+    S = LeasedJob.Status
+    at_once = S.CANCELLED if what == LeasedJob.StopRequest.CANCEL else S.PAUSED
+    idle = [S.QUEUED, S.PAUSED] if what == LeasedJob.StopRequest.CANCEL else [S.QUEUED]
+    now = timezone.now()
+    if model.objects.filter(pk=job.pk, status__in=idle).update(
+        status=at_once, finished_at=now if at_once == S.CANCELLED else None
+    ):
+        return model.objects.get(pk=job.pk)
+    if model.objects.filter(pk=job.pk, status=S.RUNNING).update(stop_request=what):
+        return model.objects.get(pk=job.pk)
+    current = model.objects.get(pk=job.pk)
+    if what == LeasedJob.StopRequest.PAUSE and current.status == S.PAUSED:
+        return current
+    raise ValueError(f"cannot {what} a job that is {current.status}")
+
+
+def job_resume(*, job: LeasedJob) -> LeasedJob:
+    """Re-queue a paused job; it continues from its last saved state. ValueError otherwise."""
+    model = type(job)
+    with transaction.atomic():
+        if not model.objects.filter(pk=job.pk, status=LeasedJob.Status.PAUSED).update(
+            status=LeasedJob.Status.QUEUED, stop_request=LeasedJob.StopRequest.NONE
+        ):
+            current = model.objects.get(pk=job.pk)
+            raise ValueError(f"cannot resume a job that is {current.status}")
+        job_enqueue(job=job)
+    return model.objects.get(pk=job.pk)
+
+
 def job_run(*, model: type[LeasedJob], job_id: int, work: Callable[[LeasedJob], dict]) -> bool:
     """Claim job `job_id`, run `work(job)`, and close the row; False if nothing was claimed.
 
-    `work` renews the lease between its steps (job_renew_lease) and returns the fields to
-    store on success. An exception fails the job with its message; LeaseLost just stops.
+    `work` renews the lease between its steps (job_renew_lease), honours the stop request
+    that returns, and returns the fields to store, with "status" when it ends otherwise
+    than succeeded (cancelled, paused). An exception fails the job with its message;
+    LeaseLost just stops.
     """
     job = job_claim(model=model, job_id=job_id, owner=worker_identity())
     if job is None:
@@ -117,7 +164,8 @@ def job_run(*, model: type[LeasedJob], job_id: int, work: Callable[[LeasedJob], 
         log.exception("%s %s failed", model.__name__, job_id)
         job_complete(job=job, status=LeasedJob.Status.FAILED, error=f"{type(exc).__name__}: {exc}")
         raise
-    return job_complete(job=job, status=LeasedJob.Status.SUCCEEDED, **fields)
+    status = fields.pop("status", LeasedJob.Status.SUCCEEDED)
+    return job_complete(job=job, status=status, **fields)
 
 
 def leased_job_models() -> list[type[LeasedJob]]:
@@ -181,7 +229,11 @@ def diagnostic_job_run(*, job_id: int) -> bool:
             log.info("diagnostic job %s resumed at step %s", job.pk, job.progress)
         for step in range(job.progress, job.steps):
             time.sleep(job.step_seconds)
-            job_renew_lease(job=job, progress=step + 1)
+            stop = job_renew_lease(job=job, progress=step + 1)
+            if stop == LeasedJob.StopRequest.CANCEL:
+                return {"status": LeasedJob.Status.CANCELLED}
+            if stop == LeasedJob.StopRequest.PAUSE and step + 1 < job.steps:
+                return {"status": LeasedJob.Status.PAUSED}
         return {
             "result": {
                 "steps": job.steps,
