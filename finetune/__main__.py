@@ -48,9 +48,9 @@ def run_validate(args: argparse.Namespace) -> int:
     try:
         report = data.validate(
             args.file,
-            max_line_bytes=args.max_line_bytes or data.DEFAULT_MAX_LINE_BYTES,
-            max_examples=args.max_examples or data.DEFAULT_MAX_EXAMPLES,
-            max_chars=args.max_chars or data.DEFAULT_MAX_CHARS,
+            max_line_bytes=_or_default(args.max_line_bytes, data.DEFAULT_MAX_LINE_BYTES),
+            max_examples=_or_default(args.max_examples, data.DEFAULT_MAX_EXAMPLES),
+            max_chars=_or_default(args.max_chars, data.DEFAULT_MAX_CHARS),
             tokenizer=tokenizer,
             max_tokens=args.max_tokens,
         )
@@ -62,6 +62,10 @@ def run_validate(args: argparse.Namespace) -> int:
         where = f" ({error.field})" if error.field else ""
         print(f"{args.file}:{error.line}: {error.message}{where}", file=sys.stderr)
     return 0 if report.ok else 1
+
+
+def _or_default(value, default):
+    return default if value is None else value
 
 
 def add_gen(subparsers) -> None:
