@@ -30,9 +30,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from finetune.tokenizer import BOS, EOS, PAD_ID, ROLE_TOKENS, SPECIAL_TOKENS
 
@@ -44,6 +42,9 @@ DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB: a single example larger than this is 
 DEFAULT_MAX_EXAMPLES = 200_000
 DEFAULT_MAX_CHARS = 200_000  # content characters in one example
 MAX_STORED_ERRORS = 100
+
+if TYPE_CHECKING:
+    import torch
 
 _CHUNK = 1 << 16
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
@@ -625,8 +626,13 @@ def pack_examples(
     return rows, PackStats(n_examples, len(rows), dropped, truncated, fill)
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    """Map-style dataset over packed rows; item i is a dict of 1-D int64 tensors."""
+class PackedDataset:
+    """Map-style dataset over packed rows; item i is a dict of 1-D int64 tensors.
+
+    A plain class with __len__ and __getitem__ (all torch's DataLoader asks for), and
+    torch is imported only when a row is built: the control plane imports this module
+    for `validate` and should not pay torch's one-second import for it.
+    """
 
     KEYS = ("input_ids", "labels", "attention_mask", "position_ids")
 
@@ -637,6 +643,8 @@ class PackedDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        import torch
+
         row = self.rows[index]
         return {key: torch.tensor(getattr(row, key), dtype=torch.long) for key in self.KEYS}
 
@@ -723,6 +731,8 @@ class BatchIterator:
         indices = self._order[start : start + self.batch_size]
         self.batch_in_epoch += 1
         items = [self.dataset[i] for i in indices]
+        import torch
+
         return {key: torch.stack([item[key] for item in items]) for key in PackedDataset.KEYS}
 
     def state_dict(self) -> dict[str, int | bool]:
