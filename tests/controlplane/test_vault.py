@@ -7,6 +7,7 @@ import base64
 import io
 import os
 import random
+import stat
 from pathlib import Path
 
 import pytest
@@ -377,3 +378,25 @@ def test_a_destroyed_tenants_blobs_are_unrecoverable(
     fresh = services.blob_put(tenant=bank, kind="dataset", source=[b"after"])
     assert fresh.tenant_key_id != old_key.key_id
     assert _read(bank, fresh) == b"after"
+
+
+# --- storage housekeeping -----------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_vault_dir_is_configurable_and_orphans_are_removed(bank, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENCLAVE_VAULT_DIR", str(tmp_path / "elsewhere"))
+    blob = services.blob_put(tenant=bank, kind="dataset", source=[b"kept"])
+    assert _path(blob).is_relative_to(tmp_path / "elsewhere")
+    assert stat.S_IMODE(_path(blob).stat().st_mode) == 0o600
+    # what a crash between rename and insert, or a rolled-back transaction, leaves behind
+    orphan = _path(blob).with_name("0" * 32 + ".blob")
+    partial = _path(blob).with_name(".crashed.blob.partial")
+    for path in (orphan, partial):
+        path.write_bytes(b"ciphertext nobody has a key for")
+        os.utime(path, (0, 0))
+
+    removed = services.blob_orphans_remove(older_than_seconds=60)
+
+    assert sorted(removed) == sorted([orphan, partial])
+    assert _read(bank, blob) == b"kept"

@@ -104,7 +104,11 @@ def test_the_key_comes_from_the_environment_or_a_file(monkeypatch, tmp_path):
     monkeypatch.delenv(conf.MASTER_KEY_ENV)
     key_file = tmp_path / "master.key"
     key_file.write_text(text + "\n")
+    key_file.chmod(0o644)
     monkeypatch.setenv(conf.MASTER_KEY_FILE_ENV, str(key_file))
+    with pytest.warns(UserWarning, match="readable by others; chmod 600"):
+        load_keyring()
+    key_file.chmod(0o600)
     from_file = load_keyring()
     assert (from_file.source, from_file.current.material) == ("file", material)
 
@@ -148,6 +152,7 @@ def test_a_missing_or_garbled_master_key_names_the_variable(
         elif value in ("GARBLED", "EMPTY"):
             path = tmp_path / "master.key"
             path.write_text("# a comment\nthis is no key\n" if value == "GARBLED" else "# none\n")
+            path.chmod(0o600)
             value = str(path)
         monkeypatch.setenv(name, value)
 

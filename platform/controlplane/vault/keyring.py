@@ -28,6 +28,7 @@ import fcntl
 import logging
 import os
 import stat
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,10 @@ def _read_file(path: Path, *, source: str) -> Keyring:
     except OSError as exc:
         raise MasterKeyError(f"{where} cannot be read: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("the master keyring %s is readable by others; chmod 600 it", path)
+        # warnings, not logging: shown once per file, not on every blob read
+        warnings.warn(
+            f"the master keyring {path} is readable by others; chmod 600 it", stacklevel=1
+        )
     keys = [
         _parse_key(line, where=f"line {number} of {where}")
         for number, line in enumerate(text.splitlines(), start=1)

@@ -96,7 +96,11 @@ def _decrypted_chunks(
     *, path: Path, key: bytes, tenant_id: int, blob_id: UUID, size: int
 ) -> Iterator[bytes]:
     total = 0
-    with open(path, "rb") as source:
+    try:
+        source = open(path, "rb")  # noqa: SIM115  (closed below, however the stream ends)
+    except FileNotFoundError:  # removed since blob_open looked: destroyed meanwhile
+        raise BlobNotFound(f"blob {blob_id} was destroyed while it was being opened") from None
+    with source:
         try:
             for chunk in crypto.decrypt_stream(
                 key=key, tenant_id=tenant_id, blob_id=blob_id, source=source
