@@ -200,13 +200,16 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     fp8: bool | None = None,
+    fp8_kernels: fp8_mod.FP8Kernels | None = None,
 ) -> Transformer:
     """Load a checkpoint directory (config.json + safetensors) into a ``Transformer``.
 
     ``dtype`` is the compute dtype and the storage dtype of every non-FP8 weight (the router
     stays float32). ``fp8``: None keeps what the checkpoint holds (FP8 tensors stay FP8),
-    True quantises every decoder linear and the LM head to FP8 (the embedding is then kept
-    in bfloat16, as DeepSeek ships it), False dequantises FP8 tensors to ``dtype``.
+    True quantises every decoder linear and the LM head to FP8, False dequantises FP8
+    tensors to ``dtype``. A model with FP8 linears keeps its embedding in bfloat16 when
+    ``dtype`` is float32. ``fp8_kernels`` is the kernel-choice record the FP8 linears share
+    (default: a new one for this model; pass ``FP8Kernels(force=...)`` to pin a kernel).
 
     Returns the model in eval mode with ``.config``. Raises CheckpointError (a ValueError)
     naming the file and tensor for a bad config, truncated or missing file, missing or
@@ -221,7 +224,7 @@ def load_model(
         stored_fp8 = {n[: -len(_SCALE_SUFFIX)] for n in plan if n.endswith(_SCALE_SUFFIX)}
         with torch.device("meta"):
             model = Transformer(config.replace(quantization_config=None), compute_dtype=dtype)
-        kernels = fp8_mod.FP8Kernels()
+        kernels = fp8_kernels if fp8_kernels is not None else fp8_mod.FP8Kernels()
         if fp8 is None:
             targets = sorted(stored_fp8)
         elif fp8:
@@ -235,7 +238,9 @@ def load_model(
                 f"{reader.file_of[t + _SCALE_SUFFIX]}: tensor {t}{_SCALE_SUFFIX} has no linear layer"
             )
         fp8_mod.swap_to_fp8(model, targets, dtype, kernels, quantize=False)
-        narrow_embed = bool(targets) and fp8 is True and dtype == torch.float32
+        # FP8 models keep the embedding in bfloat16 (as DeepSeek ships it): a float32 copy would
+        # be a large share of their memory, and rows are only gathered, never multiplied.
+        narrow_embed = bool(targets) and dtype == torch.float32
 
         expected = dict(model.state_dict(keep_vars=True))
         for name in plan:

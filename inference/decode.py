@@ -173,12 +173,9 @@ class LatentRunner:
             logits = F.linear(h, m.model.embed_tokens.weight.to(h.dtype))
         else:
             logits = m.lm_head(h)
-        # Back to the caller's chunk order.
-        back = torch.empty(len(logit_order), dtype=torch.int64)
-        back[torch.tensor(sorted(range(len(logit_order)), key=lambda j: logit_order[j]))] = (
-            torch.arange(len(logit_order))
-        )
-        return logits[back.to(logits.device)]
+        # Rows were ordered decode-first; put the logits back in the caller's chunk order.
+        perm = sorted(range(len(logit_order)), key=logit_order.__getitem__)
+        return logits[torch.tensor(perm, device=logits.device)]
 
     def _linear(self, name: str, linear, x: torch.Tensor, lora: LoRABatch | None, rows=None):
         y = linear(x)
