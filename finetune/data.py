@@ -19,17 +19,22 @@ would let data forge turn boundaries. Keys other than the format's own are ignor
 top level and refused inside a message.
 
 Blank lines are skipped. Errors name the 1-based line; line 0 means the whole file.
+
+Sources are a path or an open binary stream (anything with `readline(size)`, such as
+io.BytesIO or a decrypting reader), so the control plane can check an upload without
+writing its plaintext to disk.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import math
+import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from finetune.tokenizer import BOS, EOS, PAD_ID, ROLE_TOKENS, SPECIAL_TOKENS
@@ -54,7 +59,7 @@ _MESSAGE_KEYS = {"role", "content", "name", "weight"}
 class DataError(ValueError):
     """An invalid training file, raised by the loaders; `errors` say where."""
 
-    def __init__(self, path: str | Path, errors: Sequence[ValidationError]):
+    def __init__(self, path: str, errors: Sequence[ValidationError]):
         self.errors = list(errors)
         first = self.errors[0] if self.errors else None
         where = f" line {first.line}: {first.message}" if first else ""
@@ -163,14 +168,34 @@ def _read_lines(stream: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, by
         yield number, raw
 
 
-def _scan(path: str | Path, max_line_bytes: int, max_examples: int) -> Iterator[_Scanned]:
-    """Check every line of `path`; see the module docstring for the rules.
+Source = str | os.PathLike | BinaryIO
+
+
+def source_name(source: Source) -> str:
+    """The path of a source, or the name of a stream ("<stream>" when it has none)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return str(getattr(source, "name", "<stream>"))
+
+
+@contextlib.contextmanager
+def _open_binary(source: Source) -> Iterator[BinaryIO]:
+    """Open a path for binary reading; a stream is used as it is and left open."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as stream:
+            yield stream
+    else:
+        yield source
+
+
+def _scan(source: Source, max_line_bytes: int, max_examples: int) -> Iterator[_Scanned]:
+    """Check every line of `source`; see the module docstring for the rules.
 
     OSError propagates when the file cannot be opened.
     """
     file_format: str | None = None
     n_examples = 0
-    with open(path, "rb") as stream:
+    with _open_binary(source) as stream:
         for number, raw in _read_lines(stream, max_line_bytes):
             if raw is None:
                 yield _Scanned(
@@ -381,7 +406,7 @@ def _json_type(value: Any) -> str:
 
 
 def validate(
-    path: str | Path,
+    path: Source,
     *,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     max_examples: int = DEFAULT_MAX_EXAMPLES,
@@ -391,7 +416,8 @@ def validate(
 ) -> ValidationReport:
     """Check a training file and describe it; never raises for bad content.
 
-    path: a JSONL file in one of the accepted formats (module docstring).
+    path: a JSONL file in one of the accepted formats (module docstring), or an open
+        binary stream positioned at its start (read, not closed).
     max_line_bytes: longer lines are refused unread, so a huge or binary file costs
         little; a NUL byte stops the scan at once (binary file).
     max_examples: reading stops with an error after this many examples.
@@ -405,7 +431,7 @@ def validate(
     """
     if max_tokens is not None and tokenizer is None:
         raise ValueError("max_tokens needs a tokenizer")
-    report = ValidationReport(path=str(path))
+    report = ValidationReport(path=source_name(path))
     chars, tokens, n_train = [], [], 0
     for scanned in _scan(path, max_line_bytes, max_examples):
         report.n_lines = scanned.line
@@ -445,7 +471,7 @@ def validate(
 
 
 def iter_examples(
-    path: str | Path,
+    path: Source,
     *,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     max_examples: int = DEFAULT_MAX_EXAMPLES,
@@ -457,12 +483,12 @@ def iter_examples(
     seen = False
     for scanned in _scan(path, max_line_bytes, max_examples):
         if scanned.errors:
-            raise DataError(path, scanned.errors)
+            raise DataError(source_name(path), scanned.errors)
         if scanned.messages is not None:
             seen = True
             yield Example(scanned.line, scanned.messages)
     if not seen:
-        raise DataError(path, [ValidationError(0, "the file holds no examples")])
+        raise DataError(source_name(path), [ValidationError(0, "the file holds no examples")])
 
 
 # ---------------------------------------------------------------------------------------
@@ -650,7 +676,7 @@ class PackedDataset:
 
 
 def sft_dataset(
-    path: str | Path,
+    path: Source,
     tokenizer: Any,
     *,
     seq_len: int,

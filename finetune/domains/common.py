@@ -169,6 +169,28 @@ class TaskItem:
         """JSON-safe form (for task files and GRPO prompt sets)."""
         return asdict(self) | {"messages": [dict(m) for m in self.messages]}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskItem:
+        """Inverse of to_dict; KeyError or TypeError when fields are missing or wrong."""
+        checker = dict(data["checker"])
+        if checker.get("tolerance") is not None:
+            checker["tolerance"] = Tolerance(**checker["tolerance"])
+        checker["labels"] = tuple(checker.get("labels", ()))
+        return cls(
+            id=data["id"],
+            family=data["family"],
+            messages=tuple(dict(m) for m in data["messages"]),
+            answer=data["answer"],
+            reference=data["reference"],
+            checker=Checker(**checker),
+            meta=dict(data.get("meta", {})),
+        )
+
+    @property
+    def prompt(self) -> list[dict[str, str]]:
+        """The prompt messages as a fresh list (what a policy is asked)."""
+        return [dict(m) for m in self.messages]
+
     def sft_messages(self) -> list[dict[str, str]]:
         """The prompt followed by the reference completion as the assistant turn."""
         return [dict(m) for m in self.messages] + [{"role": "assistant", "content": self.reference}]

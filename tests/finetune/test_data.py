@@ -1,5 +1,6 @@
 """Training data: validation errors by line, encoding and its loss mask, packing, batches."""
 
+import io
 import json
 import tracemalloc
 
@@ -399,3 +400,14 @@ def test_sft_dataset_from_a_suite_file(tmp_path, tiny_tokenizer):
     batch = next(BatchIterator(dataset, 2))
     assert (batch["labels"] != IGNORE_INDEX).sum() > 0
     assert batch["input_ids"].shape == (2, 1024)
+
+
+def test_validate_and_read_from_an_in_memory_stream():
+    # The control plane checks decrypted uploads in memory, never as a plaintext file.
+    lines = [json.dumps(CHAT), "{broken"]
+    report = validate(io.BytesIO("\n".join(lines).encode()))
+    assert report.path == "<stream>"
+    assert errors_of(report) == [(2, None, report.errors[0].message)]
+    assert "invalid JSON" in report.errors[0].message
+    examples = list(iter_examples(io.BytesIO(json.dumps(CHAT).encode())))
+    assert examples[0].messages == CHAT["messages"]

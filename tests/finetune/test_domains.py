@@ -133,7 +133,8 @@ def test_every_family_reference_scores_full_reward(suite_name):
         assert reward(item.reference, item) == 1.0, item.id
         assert item.messages[0]["role"] == "system"
         assert item.messages[-1]["role"] == "user"
-        json.dumps(item.to_dict())  # storable
+        stored = json.loads(json.dumps(item.to_dict()))  # storable, and back
+        assert TaskItem.from_dict(stored) == item
 
 
 @pytest.mark.parametrize("suite_name", sorted(SUITES))
