@@ -375,6 +375,9 @@ def _check_conversation(
     ):
         if not message["content"].strip():
             error("empty content", content_field)
+        elif not _is_encodable(message["content"]):
+            # JSON can spell a lone surrogate ("\ud800"); no tokenizer can encode it.
+            error("content holds an unpaired surrogate escape, not text", content_field)
         for token in SPECIAL_TOKENS:
             if token in message["content"]:
                 error(f"content contains the reserved token {token!r}", content_field)
@@ -393,6 +396,14 @@ def _check_conversation(
         error("every assistant message has weight 0: nothing to train on", container)
     if messages[-1]["role"] != "assistant":
         error("the last message must be from the assistant", sources[-1][1])
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_type(value: Any) -> str:

@@ -117,6 +117,12 @@ def test_alpaca_and_sharegpt_normalise_to_chat(tmp_path):
             "got array",
         ),
         (chat(("user", "q"), ("assistant", "   ")), "messages[1].content", "empty content"),
+        (
+            '{"messages": [{"role": "user", "content": "\\ud800"}, '
+            '{"role": "assistant", "content": "a"}]}',
+            "messages[0].content",
+            "unpaired surrogate",
+        ),
         (chat(("user", "q")), "messages", "no assistant message"),
         (chat(("user", "q"), ("assistant", "a"), ("user", "more")), "messages[2].role", "last"),
         (chat(("assistant", "a")), "messages[0].role", "first message after the system"),
