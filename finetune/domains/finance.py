@@ -6,7 +6,11 @@ Families:
     balance_sheet       a ratio (current, quick, debt-to-equity, debt) from a generated
                         balance sheet, to 2 decimals; the prompt states the definition
     headline_sentiment  positive/negative from a templated headline whose negation and
-                        subject defeat keyword matching ("losses did not narrow" is negative)
+                        subject defeat keyword matching ("profits did not fall" is
+                        positive, "losses climbed" negative). The label is the product
+                        of three signs: the metric (profits +, losses -), the movement
+                        (rise +, fall -) and the negation (-); so "profits did not rise"
+                        counts as negative news, a disappointment.
 """
 
 from __future__ import annotations
