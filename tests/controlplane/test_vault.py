@@ -391,12 +391,14 @@ def test_the_vault_dir_is_configurable_and_orphans_are_removed(bank, tmp_path, m
     assert stat.S_IMODE(_path(blob).stat().st_mode) == 0o600
     # what a crash between rename and insert, or a rolled-back transaction, leaves behind
     orphan = _path(blob).with_name("0" * 32 + ".blob")
-    partial = _path(blob).with_name(".crashed.blob.partial")
-    for path in (orphan, partial):
+    partial = _path(blob).with_name("." + "1" * 32 + ".blob.partial")
+    not_ours = _path(blob).with_name("notes.txt")
+    for path in (orphan, partial, not_ours):
         path.write_bytes(b"ciphertext nobody has a key for")
         os.utime(path, (0, 0))
 
     removed = services.blob_orphans_remove(older_than_seconds=60)
 
     assert sorted(removed) == sorted([orphan, partial])
+    assert not_ours.exists()
     assert _read(bank, blob) == b"kept"

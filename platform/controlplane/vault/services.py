@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .selectors import (  # noqa: F401  (blob_read_bytes is re-exported for call
 log = logging.getLogger(__name__)
 
 MAX_KIND_LENGTH = 64
+_BLOB_FILE = re.compile(r"\.?[0-9a-f]{32}\.blob(\.partial)?")
 
 
 # --- storing --------------------------------------------------------------------------
@@ -217,20 +219,18 @@ def tenant_keys_destroy(*, tenant) -> None:
     """
     now = timezone.now()
     with transaction.atomic():
-        keys = TenantKey.objects.select_for_update().filter(
-            tenant=tenant, destroyed_at__isnull=True
+        # UPDATE locks the rows: a concurrent rotation waits, then skips destroyed keys.
+        TenantKey.objects.filter(tenant=tenant, destroyed_at__isnull=True).update(
+            wrapped_key=None, destroyed_at=now
         )
-        keys.update(wrapped_key=None, destroyed_at=now)
-        blobs = Blob.objects.select_for_update().filter(tenant=tenant, destroyed_at__isnull=True)
+        live = Blob.objects.filter(tenant=tenant, destroyed_at__isnull=True)
         paths = []
-        for blob in blobs:
+        for blob in live.only("id", "ciphertext_path"):
             try:
                 paths.append(blob_path(blob=blob))
             except VaultIntegrityError:
-                pass
-        Blob.objects.filter(tenant=tenant, destroyed_at__isnull=True).update(
-            wrapped_data_key=None, destroyed_at=now
-        )
+                pass  # a path outside the vault dir is never removed
+        live.update(wrapped_data_key=None, destroyed_at=now)
         _remove_files_later(paths)
 
 
@@ -244,10 +244,14 @@ def blob_orphans_remove(*, older_than_seconds: float = 3600.0) -> list[Path]:
     cutoff = timezone.now().timestamp() - older_than_seconds
     known = set(Blob.objects.values_list("ciphertext_path", flat=True))
     removed = []
-    for path in root.rglob("*"):
+    for path in root.glob("*/*/*"):
+        parts = path.relative_to(root).parts
+        # only names blob_put writes: never anything else someone keeps in the same dir
+        if not (parts[0].isdigit() and _BLOB_FILE.fullmatch(parts[2])):
+            continue
         if not path.is_file() or path.stat().st_mtime > cutoff:
             continue
-        relative = path.relative_to(root).as_posix()
+        relative = "/".join(parts)
         if relative not in known:
             path.unlink(missing_ok=True)
             removed.append(path)
