@@ -175,6 +175,9 @@ def test_a_master_key_missing_from_the_keyring_names_the_variables(tenants, monk
         selectors.blob_read_bytes(tenant=tenants[0], blob_id=blob.id)
     assert conf.MASTER_KEY_PREVIOUS_ENV in str(caught.value)
     assert TenantKey.objects.get().master_key_id in str(caught.value)
+    with pytest.raises(CommandError, match=conf.MASTER_KEY_PREVIOUS_ENV):
+        _command()  # the rotation refuses before changing anything
+    assert TenantKey.objects.get().master_key_id == master_key_id(base64.b64decode(old))
 
 
 # --- rotation --------------------------------------------------------------------------

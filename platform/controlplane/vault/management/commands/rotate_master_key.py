@@ -9,6 +9,7 @@ Safe to interrupt and run again: see the vault package docstring.
 from django.core.management.base import BaseCommand, CommandError
 
 from controlplane.vault import conf
+from controlplane.vault.exceptions import MasterKeyError
 from controlplane.vault.keyring import ENVIRONMENT, GENERATE_HINT
 from controlplane.vault.services import master_key_retire_previous, master_key_rotate
 
@@ -29,10 +30,13 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, retire: bool, no_new_key: bool, **options):
-        if retire:
-            self._retire()
-        else:
-            self._rotate(install_new_key=not no_new_key)
+        try:
+            if retire:
+                self._retire()
+            else:
+                self._rotate(install_new_key=not no_new_key)
+        except MasterKeyError as exc:  # a configuration problem: say it, no traceback
+            raise CommandError(str(exc)) from exc
 
     def _say(self, line: str = "") -> None:
         self.stdout.write(line)
