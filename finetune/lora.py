@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import io
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -99,9 +98,7 @@ def target_module_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
             continue
         pattern = _TARGET_PATTERNS[target]
         found = [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and pattern.fullmatch(n)
+            n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)
         ]
         if not found:
             raise LoraError(f"LoRA target set {target!r} selects no nn.Linear in this model")
@@ -192,10 +189,18 @@ def lora_config(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=modules,
+        # One full-path regex (peft fullmatches a string target against each module name).
+        # Not the list itself: peft shortens lists of 20+ names to bare suffixes such as
+        # "gate_proj", and adapter_config.json should say exactly what was adapted.
+        target_modules=_names_regex(modules) if modules else [],  # []: parameters only
         target_parameters=params or None,
         bias="none",
     )
+
+
+def _names_regex(names: list[str]) -> str:
+    """A regex that fullmatches exactly ``names`` (the escaped names, alternated)."""
+    return "|".join(re.escape(n) for n in names)
 
 
 def apply_lora(
@@ -214,10 +219,31 @@ def apply_lora(
     logits). Raises LoraError for bad targets, a bad dtype, or if peft adapted anything other
     than what was asked.
     """
-    return _inject(model, lora_config(model, targets, r, alpha, dropout), adapter_dtype)
+    config = lora_config(model, targets, r, alpha, dropout)
+    return _inject(model, config, adapter_dtype, _expected_modules(model, config))
 
 
-def _inject(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype) -> PeftModel:
+def _expected_modules(model: nn.Module, config: LoraConfig) -> set[str]:
+    """The modules ``config`` should adapt on ``model``: the linears its target regex (or
+    names) select, plus the owners of its target parameters."""
+    targets = config.target_modules
+    want = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or targets is None:
+            continue
+        if isinstance(targets, str):
+            if re.fullmatch(targets, name):
+                want.add(name)
+        elif name in targets or any(name.endswith(f".{t}") for t in targets):
+            want.add(name)
+    for p in config.target_parameters or ():
+        want.add(p.rpartition(".")[0])
+    return want
+
+
+def _inject(
+    model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype, expected: set[str]
+) -> PeftModel:
     if adapter_dtype not in (torch.float32, torch.bfloat16):
         raise LoraError(f"adapter_dtype must be float32 or bfloat16, got {adapter_dtype}")
     for p in model.parameters():
@@ -229,7 +255,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype) ->
     for name, p in peft_model.named_parameters():
         if "lora_" in name:
             p.data = p.data.to(adapter_dtype)
-    _check_adapted(peft_model, config)
+    _check_adapted(peft_model, expected)
     return peft_model
 
 
@@ -239,10 +265,7 @@ def adapted_module_names(peft_model: PeftModel) -> list[str]:
     return sorted(n for n, m in base.named_modules() if isinstance(m, LoraLayer))
 
 
-def _check_adapted(peft_model: PeftModel, config: LoraConfig) -> None:
-    want = set(config.target_modules or ())
-    for p in config.target_parameters or ():
-        want.add(p.rpartition(".")[0])
+def _check_adapted(peft_model: PeftModel, want: set[str]) -> None:
     got = set(adapted_module_names(peft_model))
     if got != want:
         extra, missing = sorted(got - want), sorted(want - got)
@@ -304,7 +327,7 @@ def load_adapter(
     """
     config, tensors = read_adapter_files(files)
     config.inference_mode = False
-    peft_model = _inject(model, config, adapter_dtype)
+    peft_model = _inject(model, config, adapter_dtype, _expected_modules(model, config))
     with without_moe_target_rewrite(peft_model):
         result = set_peft_model_state_dict(peft_model, tensors, adapter_name=ADAPTER_NAME)
     unexpected = list(result.unexpected_keys)
@@ -395,14 +418,17 @@ def merge_lora(
     delta_err: dict[str, float] = {}
     for name, delta in deltas.items():
         module = merged.get_submodule(name)
-        param = getattr(module, "weight")
+        param = module.weight
         if isinstance(module, fp8_mod.FP8Linear):
             w = module.dequantized_weight().float()
         else:
             w = param.detach().float()
         # Routers are adapted as a parameter; their delta may be stored transposed.
         target = w + (delta if delta.shape == w.shape else delta.T)
-        if fp8 and isinstance(module, fp8_mod.FP8Linear):
+        if isinstance(module, fp8_mod.FP8Linear) and not fp8:
+            # Never round the merged weight through float8: a wide linear replaces it.
+            _replace(merged, name, _wide_linear(module, target, dtype))
+        elif isinstance(module, fp8_mod.FP8Linear):
             q, scale = fp8_mod.quantize_weight(target)
             module.weight = nn.Parameter(q, requires_grad=False)
             module.weight_scale_inv = scale
@@ -431,12 +457,7 @@ def _widen(model: nn.Module, dtype: torch.dtype) -> None:
     routers (kept float32, as ``inference.load_model`` keeps them)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, fp8_mod.FP8Linear):
-            wide = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            wide.weight = nn.Parameter(module.dequantized_weight().to(dtype), requires_grad=False)
-            if module.bias is not None:
-                wide.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, wide)
+            _replace(model, name, _wide_linear(module, module.dequantized_weight(), dtype))
     for name, module in model.named_modules():
         if _ROUTER_PATTERN.fullmatch(name):
             continue
@@ -450,8 +471,14 @@ def _widen(model: nn.Module, dtype: torch.dtype) -> None:
         model.config = config.replace(quantization_config=None)
 
 
-def lora_bytes_io(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """safetensors bytes of ``tensors`` (contiguous CPU copies); a helper for checkpoints."""
-    buf = io.BytesIO()
-    buf.write(save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
-    return buf.getvalue()
+def _wide_linear(module: nn.Linear, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    wide = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    wide.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    if module.bias is not None:
+        wide.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return wide
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
