@@ -138,7 +138,7 @@ class Scheduler:
         # 2. prefills under way
         for seq in self.running:
             left = seq.num_tokens - seq.num_computed
-            if left > 1 or (left == 1 and seq.num_computed < len(seq.prompt_ids)):
+            if left > 1:
                 if budget <= 0:
                     break
                 n = min(left, budget)
@@ -155,7 +155,10 @@ class Scheduler:
             reserve = 1 if self.running else 0
             got = self.cache.allocate(seq.tokens, seq.adapter_key, reserve=reserve)
             if got is None:
-                if not self.running and self.cache.blocks_for(seq.num_tokens) > self.cache.num_blocks:
+                if (
+                    not self.running
+                    and self.cache.blocks_for(seq.num_tokens) > self.cache.num_blocks
+                ):
                     self.waiting.popleft()
                     plan.out_of_memory.append(seq)
                     if seq.adapter is not None:
