@@ -4,6 +4,7 @@ Errors always look like OpenAI's, so existing clients understand them:
 `{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`.
 """
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -39,6 +40,10 @@ def openai_exception_handler(exc, context):
         )
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or "Not found.")
+    if isinstance(exc, DjangoValidationError):  # services speak Django; the API speaks DRF
+        exc = exceptions.ValidationError(
+            exc.message_dict if hasattr(exc, "error_dict") else exc.messages
+        )
     response = drf_exception_handler(exc, context)
     if response is None:
         return None  # a bug: Django's 500 handler takes it (and the envelope, see urls)

@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from . import health
@@ -10,4 +10,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("v1/", include("controlplane.files.urls")),
+    path("v1/", include("controlplane.tuning.urls")),
 ]
+
+handler404 = "controlplane.api_errors.envelope_404"
+handler500 = "controlplane.api_errors.envelope_500"
