@@ -175,7 +175,7 @@ class LatentRunner:
             logits = m.lm_head(h)
         # Rows were ordered decode-first; put the logits back in the caller's chunk order.
         perm = sorted(range(len(logit_order)), key=logit_order.__getitem__)
-        return logits[torch.tensor(perm, device=logits.device)]
+        return logits[torch.tensor(perm, dtype=torch.int64, device=logits.device)]
 
     def _linear(self, name: str, linear, x: torch.Tensor, lora: LoRABatch | None, rows=None):
         y = linear(x)

@@ -133,32 +133,42 @@ def _kernel_cuda_blockwise_scaled_mm(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """CUDA FP8 tensor cores: activations quantised per 1x128, weights per 128x128 block,
-    through ``torch.nn.functional.scaled_mm`` block-wise recipes (Hopper and newer)."""
+    through ``torch.nn.functional.scaled_mm``'s block-wise recipes (Hopper and newer).
+
+    cuBLASLt wants B column-major (``q.t()`` of the row-major weight), the 1x128 scales of A
+    outer-dimension-major, the row count a multiple of 4 and the K-block count of the
+    weight scales a multiple of 4; zero padding keeps the product unchanged.
+    """
     from torch.nn.functional import ScalingType
 
-    m, k = x.shape
-    xq, xs = quantize_activation(x)
-    # The block-wise recipe wants the 1x128 scales of A in column-major (outer-dim) order.
-    xs = xs.t().contiguous().t()
+    m = x.shape[0]
+    xq, xs = quantize_activation(F.pad(x, (0, 0, 0, -m % 4)))
+    ws = F.pad(scale.float(), (0, -scale.shape[1] % 4), value=1.0)
     y = F.scaled_mm(
         xq,
         q.t(),
-        xs,
+        xs.t().contiguous().t(),
         ScalingType.BlockWise1x128,
-        scale.float(),
+        ws.t(),
         ScalingType.BlockWise128x128,
         output_dtype=torch.bfloat16,
     )
-    return y.to(x.dtype)
+    return y[:m].to(x.dtype)
 
 
-# Name -> (kernel, can it run on (device type, dtype, K, N)?, does it quantise activations?)
-_KERNELS: dict[str, tuple[Callable, Callable[[str, torch.dtype, int, int], bool], bool]] = {
-    "reference": (_kernel_reference, lambda dev, dt, k, n: True, False),
-    "table_dequant": (_kernel_table_dequant, lambda dev, dt, k, n: True, False),
-    "cpu_fused": (_kernel_cpu_fused, lambda dev, dt, k, n: _cpu_fp32(dev, dt), False),
-    "cpu_panels": (_kernel_cpu_panels, lambda dev, dt, k, n: _cpu_fp32(dev, dt), False),
-    "cuda_dequant_bf16": (_kernel_cuda_dequant_bf16, lambda dev, dt, k, n: dev == "cuda", False),
+# Name -> (kernel, can it run on (device type, dtype, K, N)?, relative error it may show
+# against the reference: summation order only, bf16 products, or FP8 activations too).
+EXACT, BF16_PRODUCTS, FP8_ACTIVATIONS = 1e-4, 2e-2, 6e-2
+_KERNELS: dict[str, tuple[Callable, Callable[[str, torch.dtype, int, int], bool], float]] = {
+    "reference": (_kernel_reference, lambda dev, dt, k, n: True, EXACT),
+    "table_dequant": (_kernel_table_dequant, lambda dev, dt, k, n: True, EXACT),
+    "cpu_fused": (_kernel_cpu_fused, lambda dev, dt, k, n: _cpu_fp32(dev, dt), EXACT),
+    "cpu_panels": (_kernel_cpu_panels, lambda dev, dt, k, n: _cpu_fp32(dev, dt), EXACT),
+    "cuda_dequant_bf16": (
+        _kernel_cuda_dequant_bf16,
+        lambda dev, dt, k, n: dev == "cuda",
+        BF16_PRODUCTS,
+    ),
     "cuda_blockwise_scaled_mm": (
         _kernel_cuda_blockwise_scaled_mm,
         lambda dev, dt, k, n: (
@@ -217,16 +227,15 @@ class FP8Kernels:
         ref_norm = ref.norm().clamp_min(1e-30)
         times: dict[str, float] = {}
         for name in self.allowed:
-            kernel, runs_here, quantises_x = _KERNELS[name]
+            kernel, runs_here, tolerance = _KERNELS[name]
             if not runs_here(dev, dtype, k, n):
                 continue
             try:
                 out = kernel(x, q, scale)
             except (RuntimeError, NotImplementedError):
                 continue  # an unsupported shape or build on this device: not a candidate
-            # Kernels that quantise activations are allowed FP8 activation error; the others
-            # compute the same product as the reference, up to summation order.
-            tolerance = 0.05 if quantises_x else 1e-4
+            # A kernel that disagrees with the reference beyond its expected rounding is
+            # broken on this device or shape: it is not a candidate, however fast.
             if ((out.float() - ref).norm() / ref_norm).item() > tolerance:
                 continue
             best = math.inf
