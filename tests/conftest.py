@@ -6,6 +6,7 @@ operator runs (controlplane.launch), pointed at the test database.
 """
 
 import os
+import shutil
 import time
 import uuid
 
@@ -56,7 +57,10 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Drop this run's broker and cache keys (each run has its own prefixes)."""
+    """Drop this run's data directory, broker and cache keys (each run has its own)."""
+    from django.conf import settings
+
+    shutil.rmtree(settings.VAR_DIR, ignore_errors=True)
     try:
         for url, pattern in (
             (test_settings.TEST_REDIS_URL, f"enclave-test-{test_settings.RUN_ID}:*"),

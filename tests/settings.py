@@ -23,8 +23,10 @@ os.environ["ENCLAVE_BROKER_KEY_PREFIX"] = f"enclave-test-{RUN_ID}:"
 os.environ["DATABASE_URL"] = TEST_DATABASE_URL
 os.environ["CELERY_BROKER_URL"] = TEST_REDIS_URL
 os.environ["CACHE_URL"] = TEST_REDIS_URL.rsplit("/", 1)[0] + "/12"
-os.environ["ENCLAVE_VAR_DIR"] = os.environ.get(
-    "ENCLAVE_TEST_VAR_DIR", str(Path(__file__).resolve().parents[1] / "var" / "test")
+# Each run's own data directory (vault files, keys, logs), removed when the run ends.
+os.environ["ENCLAVE_VAR_DIR"] = str(
+    Path(os.environ.get("ENCLAVE_TEST_VAR_DIR", Path(__file__).resolve().parents[1] / "var"))
+    / f"test-run-{RUN_ID}"
 )
 
 from controlplane.settings import *  # noqa: E402,F403

@@ -138,7 +138,7 @@ CACHES = {"default": env.cache_url("CACHE_URL", default=f"filecache://{VAR_DIR /
 # Django's default would spool large uploads to a plaintext temporary file.
 # The vault (controlplane/vault): encrypted blobs live here. The master key comes only from
 # ENCLAVE_MASTER_KEY or ENCLAVE_MASTER_KEY_FILE, never from settings (see the vault package).
-ENCLAVE_VAULT_DIR = Path(env.str("ENCLAVE_VAULT_DIR", default=str(VAR_DIR / "vault")))
+ENCLAVE_VAULT_DIR = env.str("ENCLAVE_VAULT_DIR", default="") or None  # None: VAR_DIR/vault
 ENCLAVE_VAULT_CHUNK_BYTES = env.int("ENCLAVE_VAULT_CHUNK_BYTES", default=1024 * 1024)
 # Base models: every directory under here with a config.json and safetensors weights.
 ENCLAVE_MODELS_DIR = Path(env.str("ENCLAVE_MODELS_DIR", default=str(REPO_DIR / "models")))
