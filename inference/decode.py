@@ -261,6 +261,7 @@ class LatentRunner:
         # The model's MoE dispatch, with LoRA rows mapped through the token permutation.
         k = self.config.num_experts_per_tok
         weights, indices = mlp.gate(x)
+        lora.route(f"{prefix}.gate", mlp.gate, x, weights, indices)
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.config.n_routed_experts).tolist()

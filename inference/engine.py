@@ -17,6 +17,7 @@ sequence whose chunk reached its end, and emits text deltas.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 import uuid
@@ -255,7 +256,7 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         if request.adapter is not None:
-            request.adapter = str(check_adapter_dir(request.adapter))
+            request = dataclasses.replace(request, adapter=str(check_adapter_dir(request.adapter)))
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]

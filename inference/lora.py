@@ -100,16 +100,19 @@ def load_adapter(
             layer = model.get_submodule(name)
         except AttributeError:
             layer = None
-        if not isinstance(layer, nn.Linear):
+        # A linear layer, or the MoE router (peft adapts its weight via target_parameters).
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"{p / WEIGHTS_NAME}: {name} is not a linear layer of the model")
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{p / WEIGHTS_NAME}: {name} lacks lora_A or lora_B")
         a, b = ab["A"], ab["B"]
         r = a.shape[0]
-        if a.shape != (r, layer.in_features) or b.shape != (layer.out_features, r):
+        out_f, in_f = weight.shape
+        if a.shape != (r, in_f) or b.shape != (out_f, r):
             raise ValueError(
                 f"{p / WEIGHTS_NAME}: {name} has A {list(a.shape)} and B {list(b.shape)}, "
-                f"layer is {layer.out_features}x{layer.in_features}"
+                f"layer is {out_f}x{in_f}"
             )
         adapter.weights[name] = (
             a.to(device=device, dtype=dtype).contiguous(),
@@ -215,6 +218,22 @@ class LoRABatch:
             a, b, s = w
             y.add_((x @ a.T) @ b.T, alpha=s)
         return y
+
+    def route(self, name: str, gate: nn.Module, x: torch.Tensor, weights, indices) -> None:
+        """Redo the router's choice for rows whose adapter changes the router weight.
+
+        The router's top-k and grouping are not linear, so the adapted weight
+        W + s * B @ A (experts x hidden, small) is formed per adapter and the model's own
+        ``Gate`` runs with it on that adapter's rows. ``weights``/``indices`` change in place.
+        """
+        for adapter, idx in self.rows:
+            w = adapter.weights.get(name)
+            if w is None or idx.numel() == 0:
+                continue
+            a, b, s = w
+            merged = gate.weight + s * (b.float() @ a.float())
+            wi, ii = torch.func.functional_call(gate, {"weight": merged}, (x[idx],))
+            weights[idx], indices[idx] = wi, ii
 
     # Absorbed MLA: kv_b_proj's weight W [H*(dn+dv), R] enters decode as W_UK [H, dn, R]
     # (folded into the query) and W_UV [H, dv, R] (folded into the output). A LoRA delta
