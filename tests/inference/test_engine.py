@@ -278,3 +278,19 @@ def test_many_threads_and_an_asyncio_loop_share_the_engine(engine):
     assert not errors and len(results) == 4
     assert all(r.token_ids == expected for r in results)
     assert all([t for d in s for t in d.token_ids] == expected for s in streamed)
+
+
+def test_cli_streams_a_completion(model_dir, capsys):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "inference", "generate", "--model", str(model_dir)]
+    cmd += ["--prompt", "hello", "--max-tokens", "5", "--seed", "1", "--temperature", "0.7"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "completion tokens]" in done.stderr and done.stdout.endswith("\n")
+    from inference.__main__ import main
+
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--max-tokens", "-1"]) == 2
+    assert "max_tokens" in capsys.readouterr().err
