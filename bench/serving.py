@@ -1,0 +1,323 @@
+"""Serving benchmark: Enclave's engine against transformers ``generate`` in the same run.
+
+    .venv/bin/python bench/serving.py --config small      # models/configs/small.json
+    .venv/bin/python bench/serving.py --config tiny
+    .venv/bin/python bench/serving.py --smoke --out /tmp/s.json   # seconds; used by a test
+
+Both sides load the same random weights (transformers builds them and ``save_pretrained``s
+them; our ``load_model`` reads the directory), in float32 on the CPU. Measured:
+
+- batch-1 decode tokens/s with a short and a long prompt (``--ctx``), ours vs transformers
+  (``use_cache=True``, its default DynamicCache and SDPA attention);
+- throughput with ``--concurrent`` requests: ours continuously batched (all submitted at
+  once from threads), theirs one left-padded batch; TTFT p50/p99 under that load;
+- KV-cache bytes per token (ours must equal layers * (kv_lora_rank + rope dim) * 4);
+- peak RSS of the process (both models live in it);
+- the memory-bandwidth bound: active weight bytes per token (attention, dense MLP or
+  shared + top-k experts, router, LM head) over measured copy bandwidth, and the fraction
+  of it our batch-1 decode reaches.
+
+Prints ratios and writes JSON to bench/results/serving-<config>.json (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from inference.engine import Engine, Request  # noqa: E402
+from inference.kv_cache import latent_bytes_per_token  # noqa: E402
+from inference.sampling import SamplingParams  # noqa: E402
+
+
+def build_checkpoint(config_path: Path, out: Path, seed: int = 0):
+    """Random transformers DeepseekV3ForCausalLM for ``config_path``, saved into ``out``."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = json.loads(config_path.read_text())
+    torch.manual_seed(seed)
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg)).eval()
+    with torch.no_grad():  # a nonzero correction bias, so routing is not uniform
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0, 0.01)
+    hf.save_pretrained(str(out))
+    hf.generation_config.eos_token_id = None  # decode exactly max_new_tokens
+    hf.generation_config.pad_token_id = cfg.get("pad_token_id", 0)
+    return hf
+
+
+class _Clock:
+    """A transformers streamer that timestamps every generated step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # the first put is the prompt
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def hf_decode_rate(hf, prompt: list[int], n: int) -> float:
+    clock = _Clock()
+    with torch.inference_mode():
+        hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+            streamer=clock,
+        )
+    return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+
+def our_decode_rate(engine: Engine, prompt: list[int], n: int) -> float:
+    sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    times = []
+    for delta in engine.stream(Request(prompt_token_ids=prompt, sampling=sp)):
+        times += [time.perf_counter()] * len(delta.token_ids)
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def hf_batch(hf, prompts: list[list[int]], n: int, pad: int) -> dict:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as decoder-only generation wants
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    clock = _Clock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+            streamer=clock,
+        )
+    wall = time.perf_counter() - start
+    ttft = clock.times[0] - start  # every request gets its first token at the same time
+    return {"tokens_per_s": len(prompts) * n / wall, "ttft_p50_s": ttft, "ttft_p99_s": ttft}
+
+
+def our_concurrent(engine: Engine, prompts: list[list[int]], n: int) -> dict:
+    sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    ttft: list[float] = []
+    counts: list[int] = []
+    lock = threading.Lock()
+
+    def client(prompt):
+        t0 = time.perf_counter()
+        first, total = None, 0
+        for delta in engine.stream(Request(prompt_token_ids=prompt, sampling=sp)):
+            if first is None and delta.token_ids:
+                first = time.perf_counter() - t0
+            total += len(delta.token_ids)
+        with lock:
+            ttft.append(first)
+            counts.append(total)
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ttft.sort()
+    return {
+        "tokens_per_s": sum(counts) / wall,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p99_s": ttft[min(len(ttft) - 1, int(round(0.99 * (len(ttft) - 1))))],
+    }
+
+
+def copy_bandwidth_bytes_per_s(mib: int = 256) -> float:
+    """Best-of-5 bandwidth of a large tensor copy, counting bytes read plus bytes written."""
+    src = torch.ones(mib << 18)  # float32: mib MiB
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
+
+
+def active_weight_bytes(c, elem: int = 4) -> int:
+    """Weight bytes one decode token must read: attention, MLP (dense, or shared + top-k
+    routed experts + router), norms, one embedding row and the LM head."""
+    h = c.num_attention_heads
+    if c.q_lora_rank is None:
+        q = c.hidden_size * h * c.qk_head_dim
+    else:
+        q = c.hidden_size * c.q_lora_rank + c.q_lora_rank * h * c.qk_head_dim
+    attn = (
+        q
+        + c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim)
+        + c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
+        + h * c.v_head_dim * c.hidden_size
+    )
+    expert = 3 * c.hidden_size * c.moe_intermediate_size
+    total = 0
+    for i in range(c.num_hidden_layers):
+        if i < c.first_k_dense_replace:
+            mlp = 3 * c.hidden_size * c.intermediate_size
+        else:
+            mlp = expert * (c.num_experts_per_tok + c.n_shared_experts)
+            mlp += c.n_routed_experts * c.hidden_size
+        total += attn + mlp
+    total += 2 * c.hidden_size + c.vocab_size * c.hidden_size
+    return total * elem
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="small", help="name under models/configs/ or a path")
+    ap.add_argument("--smoke", action="store_true", help="tiny config, few tokens")
+    ap.add_argument("--ctx", type=int, nargs=2, default=[128, 2048], help="short, long prompt")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--concurrent", type=int, default=16)
+    ap.add_argument("--concurrent-prompt", type=int, default=128)
+    ap.add_argument("--concurrent-tokens", type=int, default=32)
+    ap.add_argument("--max-batch-tokens", type=int, default=512)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.config = "tiny"
+        args.ctx, args.decode_tokens = [16, 48], 4
+        args.concurrent, args.concurrent_prompt, args.concurrent_tokens = 4, 40, 4
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        config_path = ROOT / "models" / "configs" / f"{args.config}.json"
+    name = config_path.stem
+    out = args.out or ROOT / "bench" / "results" / f"serving-{name}.json"
+
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        hf = build_checkpoint(config_path, Path(tmp))
+        engine = Engine(
+            tmp,
+            max_batch_tokens=args.max_batch_tokens,
+            kv_cache_bytes=256 << 20,
+            max_num_seqs=64,
+        )
+        setup_s = time.perf_counter() - t0
+    c = engine.config
+    vocab = c.vocab_size
+    result: dict = {
+        "config": name,
+        "dtype": "float32",
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "setup_s": round(setup_s, 2),
+        "command": " ".join(["bench/serving.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    try:
+        decode = {}
+        for ctx in args.ctx:
+            prompt = torch.randint(3, vocab, (ctx,), generator=g).tolist()
+            ours = our_decode_rate(engine, prompt, args.decode_tokens)
+            theirs = hf_decode_rate(hf, prompt, args.decode_tokens)
+            decode[str(ctx)] = {
+                "ours_tokens_per_s": ours,
+                "transformers_tokens_per_s": theirs,
+                "ratio": ours / theirs,
+            }
+        result["batch1_decode"] = decode
+
+        prompts = [
+            torch.randint(
+                3, vocab, (max(4, args.concurrent_prompt - (i % 4) * 8),), generator=g
+            ).tolist()
+            for i in range(args.concurrent)
+        ]
+        ours = our_concurrent(engine, prompts, args.concurrent_tokens)
+        theirs = hf_batch(hf, prompts, args.concurrent_tokens, c.pad_token_id or 0)
+        result["concurrent"] = {
+            "requests": args.concurrent,
+            "ours": ours,
+            "transformers": theirs,
+            "throughput_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+            "preemptions": engine.scheduler.total_preemptions,
+        }
+
+        ours_kv = engine.cache.pool.element_size() * engine.cache.width * c.num_hidden_layers
+        result["kv_bytes_per_token"] = {
+            "ours": ours_kv,
+            "latent_formula": latent_bytes_per_token(c, torch.float32),
+            "transformers": c.num_hidden_layers
+            * c.num_attention_heads
+            * (c.qk_head_dim + c.v_head_dim)
+            * 4,
+        }
+        bw = copy_bandwidth_bytes_per_s()
+        weights = active_weight_bytes(c)
+        short = decode[str(args.ctx[0])]["ours_tokens_per_s"]
+        result["bandwidth_bound"] = {
+            "copy_bandwidth_gb_s": bw / 1e9,
+            "active_weight_bytes_per_token": weights,
+            "bound_tokens_per_s": bw / weights,
+            "ours_fraction_of_bound": short / (bw / weights),
+        }
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    finally:
+        engine.close()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"serving benchmark, config {name} (fp32, cpu, {result['torch_threads']} threads)")
+    for ctx, d in result["batch1_decode"].items():
+        print(
+            f"  batch-1 decode ctx {ctx:>5}: ours {d['ours_tokens_per_s']:8.1f} tok/s, "
+            f"transformers {d['transformers_tokens_per_s']:8.1f} tok/s, ratio {d['ratio']:.2f}x"
+        )
+    cc = result["concurrent"]
+    print(
+        f"  {cc['requests']} concurrent: ours {cc['ours']['tokens_per_s']:.1f} tok/s, "
+        f"transformers {cc['transformers']['tokens_per_s']:.1f} tok/s, "
+        f"ratio {cc['throughput_ratio']:.2f}x; TTFT p50/p99 ours "
+        f"{cc['ours']['ttft_p50_s']:.3f}/{cc['ours']['ttft_p99_s']:.3f} s, transformers "
+        f"{cc['transformers']['ttft_p50_s']:.3f} s"
+    )
+    kv = result["kv_bytes_per_token"]
+    print(
+        f"  KV bytes/token: ours {kv['ours']} (latent formula {kv['latent_formula']}), "
+        f"transformers {kv['transformers']}"
+    )
+    bb = result["bandwidth_bound"]
+    print(
+        f"  bandwidth bound {bb['bound_tokens_per_s']:.1f} tok/s "
+        f"({bb['copy_bandwidth_gb_s']:.1f} GB/s, {bb['active_weight_bytes_per_token'] / 2**20:.1f} "
+        f"MiB/token); ours reaches {100 * bb['ours_fraction_of_bound']:.0f}%"
+    )
+    print(f"  peak RSS {result['peak_rss_mib']:.0f} MiB; JSON: {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
