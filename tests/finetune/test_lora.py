@@ -48,6 +48,16 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test machine's cores are shared: one thread runs these tiny matmuls ~10x faster
+    than two fighting over a busy core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """(full-width HF checkpoint dir, FP8 checkpoint dir of the same weights)."""

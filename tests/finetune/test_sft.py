@@ -1,0 +1,256 @@
+"""The SFT loop: it learns, resumes exactly, stops when asked, reports what it promises.
+
+The base model is a tiny random DeepSeek-V3 (hidden 64, 2 layers, 4 routed experts) stored
+in FP8 with the test tokenizer beside it, as a real model directory would be.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+import inference
+from finetune.callbacks import JsonlMetricsLog
+from finetune.sft import SFTConfig, SFTResult, evaluate_adapter, train_sft
+from tests.inference.hf_factory import hf_model, save_hf
+
+TINY = {
+    "vocab_size": 512,
+    "num_hidden_layers": 2,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test machine's cores are shared: one thread runs these tiny matmuls ~10x faster
+    than two fighting over a busy core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """An FP8 model directory with config.json, safetensors and the tokenizer."""
+    root = tmp_path_factory.mktemp("sft_model")
+    hf = hf_model(TINY, seed=4)
+    with torch.no_grad():  # a calmer init, so a few LoRA steps visibly move the loss
+        for name, p in hf.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(0.3)
+    save_hf(hf, root / "hf")
+    inference.save_checkpoint(inference.load_model(root / "hf", fp8=True), root / "fp8")
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, root / "fp8" / f.name)
+    return str(root / "fp8")
+
+
+def _examples(n: int, seed: int = 0) -> list[dict]:
+    """A learnable toy task: the answer is the prompt's digits, reversed."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        digits = " ".join(str(int(d)) for d in torch.randint(0, 10, (4,), generator=g))
+        out.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Reverse the digits."},
+                    {"role": "user", "content": digits},
+                    {"role": "assistant", "content": digits[::-1]},
+                ]
+            }
+        )
+    return out
+
+
+class Recorder:
+    """Callbacks that keep everything and stop on request at a given step."""
+
+    def __init__(self, stop_at: int | None = None, request: str = "pause"):
+        self.metrics: list[dict] = []
+        self.checkpoints: dict[int, bytes] = {}
+        self.stop_at, self.request = stop_at, request
+
+    def on_metrics(self, metrics: dict) -> None:
+        self.metrics.append(dict(metrics))
+
+    def on_checkpoint(self, step: int, state: bytes) -> None:
+        self.checkpoints[step] = state
+
+    def should_stop(self) -> str | None:
+        done = max((m["step"] for m in self.metrics), default=0)
+        return self.request if self.stop_at is not None and done >= self.stop_at else None
+
+
+def _adapter(result: SFTResult) -> dict[str, torch.Tensor]:
+    return load_safetensors(result.adapter_files["adapter_model.safetensors"])
+
+
+def _assert_same_adapter(a: SFTResult, b: SFTResult) -> None:
+    ta, tb = _adapter(a), _adapter(b)
+    assert set(ta) == set(tb) and ta
+    for name in ta:
+        assert torch.allclose(ta[name], tb[name], rtol=0, atol=1e-6), name
+
+
+def _config(model_dir: str, **overrides) -> SFTConfig:
+    base = dict(
+        model_path=model_dir,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=3e-3,
+        batch_size=2,
+        grad_accum=2,
+        max_seq_len=40,
+        max_steps=6,
+        warmup_steps=2,
+        lora_dropout=0.1,  # so the RNG state matters for exact resumption
+    )
+    return SFTConfig(**{**base, **overrides})
+
+
+def test_a_short_run_on_a_learnable_task_lowers_the_loss(model_dir):
+    rec = Recorder()
+    config = _config(model_dir, max_steps=30, learning_rate=1e-2, lora_dropout=0.0)
+    result = train_sft(config, train_examples=_examples(8), callbacks=rec)
+    losses = [m["loss"] for m in rec.metrics]
+    assert result.status == "succeeded" and result.steps == 30 and len(losses) == 30
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    assert rec.metrics[-1]["token_accuracy"] > rec.metrics[0]["token_accuracy"]
+
+
+def test_metrics_carry_the_promised_fields_and_schedule(model_dir, tmp_path):
+    log_path = tmp_path / "logs" / "metrics.jsonl"
+    config = _config(model_dir, max_steps=5, warmup_steps=2, val_fraction=0.25, eval_every=2)
+    result = train_sft(config, train_examples=_examples(8), callbacks=JsonlMetricsLog(log_path))
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
+    for m in lines:
+        for key in ("loss", "token_accuracy", "lr", "tokens_per_s", "elapsed_s", "eta_s"):
+            assert isinstance(m[key], float) and m[key] >= 0, key
+    assert [("val_loss" in m) for m in lines] == [False, True, False, True, True]
+    lrs = [m["lr"] for m in lines]
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(config.learning_rate)  # warmup to peak
+    assert lrs[2] > lrs[3] > lrs[4] > 0  # then cosine decay
+    assert lines[-1]["eta_s"] == 0 and result.trained_tokens == lines[-1]["trained_tokens"] > 0
+    assert result.metrics["best_val_loss"] == min(m["val_loss"] for m in lines if "val_loss" in m)
+    # Appending: a second run adds lines, never truncates.
+    train_sft(
+        _config(model_dir, max_steps=1),
+        train_examples=_examples(4),
+        callbacks=JsonlMetricsLog(log_path),
+    )
+    assert len(log_path.read_text().splitlines()) == 6
+
+
+def test_pause_then_resume_in_a_fresh_model_equals_an_uninterrupted_run(model_dir):
+    examples = _examples(10)
+    full_rec = Recorder()
+    full = train_sft(
+        _config(model_dir, checkpoint_every=3), train_examples=examples, callbacks=full_rec
+    )
+    assert full.status == "succeeded" and full.steps == 6 and set(full_rec.checkpoints) == {3, 6}
+
+    paused = train_sft(_config(model_dir), train_examples=examples, callbacks=Recorder(stop_at=2))
+    assert paused.status == "paused" and paused.steps == 2
+    resumed = train_sft(_config(model_dir), train_examples=examples, resume_state=paused.state)
+    assert resumed.status == "succeeded" and resumed.steps == 6
+    _assert_same_adapter(resumed, full)
+
+    # A checkpoint taken by on_checkpoint resumes just as well (a killed worker's restart).
+    from_checkpoint = train_sft(
+        _config(model_dir), train_examples=examples, resume_state=full_rec.checkpoints[3]
+    )
+    _assert_same_adapter(from_checkpoint, full)
+    assert from_checkpoint.trained_tokens == full.trained_tokens
+
+
+def test_cancel_stops_between_steps_and_still_returns_the_adapter(model_dir):
+    rec = Recorder(stop_at=1, request="cancel")
+    result = train_sft(_config(model_dir), train_examples=_examples(6), callbacks=rec)
+    assert result.status == "cancelled" and result.steps == 1 and len(rec.metrics) == 1
+    assert _adapter(result)  # what was trained so far
+
+    class Typo(Recorder):
+        def should_stop(self):
+            return "stop"
+
+    with pytest.raises(ValueError, match="should_stop returned 'stop'"):
+        train_sft(_config(model_dir), train_examples=_examples(6), callbacks=Typo())
+
+
+def test_initial_adapter_is_the_starting_point(model_dir):
+    first = train_sft(_config(model_dir, max_steps=3), train_examples=_examples(6))
+    # Zero steps of learning: a run with one step at a tiny rate stays next to its start.
+    nudged = train_sft(
+        _config(model_dir, max_steps=1, learning_rate=1e-9, warmup_steps=0, lora_dropout=0.0),
+        train_examples=_examples(6),
+        initial_adapter=first.adapter_files,
+    )
+    a, b = _adapter(first), _adapter(nudged)
+    assert set(a) == set(b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-4  # not a fresh one
+    with pytest.raises(ValueError, match="initial_adapter has r=4"):
+        train_sft(
+            _config(model_dir, lora_r=8),
+            train_examples=_examples(6),
+            initial_adapter=first.adapter_files,
+        )
+
+
+def test_only_assistant_tokens_are_trained_and_bad_input_is_refused(model_dir):
+    # A run whose examples differ only in system and user text trains on the same tokens.
+    config = _config(model_dir, max_steps=2, lora_dropout=0.0, max_seq_len=64)
+    a = train_sft(config, train_examples=_examples(4))
+    other = _examples(4)
+    for e in other:
+        e["messages"][0]["content"] = "Something else entirely, and longer."
+    b = train_sft(config, train_examples=other)
+    assert a.trained_tokens == b.trained_tokens > 0
+
+    with pytest.raises(ValueError, match="line 2"):
+        train_sft(config, train_examples=[_examples(1)[0], {"messages": [{"role": "user"}]}])
+    with pytest.raises(ValueError, match="resume_state was written with lora_r=4"):
+        train_sft(
+            _config(model_dir, lora_r=8, max_seq_len=64),
+            train_examples=_examples(4),
+            resume_state=a.state,
+        )
+
+
+def test_early_stopping_returns_the_best_adapter(model_dir):
+    rec = Recorder()
+    # A rate this high diverges on the held-out examples after the first evaluations.
+    config = _config(
+        model_dir,
+        max_steps=40,
+        learning_rate=0.3,
+        warmup_steps=0,
+        eval_every=1,
+        early_stopping_patience=2,
+        lora_dropout=0.0,
+    )
+    result = train_sft(
+        config, train_examples=_examples(6), val_examples=_examples(3, seed=9), callbacks=rec
+    )
+    vals = [m["val_loss"] for m in rec.metrics]
+    assert result.metrics["early_stopped"] is True and result.steps < 40
+    best = min(vals)
+    assert vals[-1] > best and vals[-2] > best  # two evaluations without improvement
+    assert result.metrics["best_val_loss"] == best
+    # The returned adapter is the best one: evaluating it gives the best val_loss again.
+    again = evaluate_adapter(
+        model_dir, result.adapter_files, _examples(3, seed=9), max_seq_len=config.max_seq_len
+    )
+    assert again["loss"] == pytest.approx(best, rel=1e-5)
