@@ -140,6 +140,24 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+BASE_MODEL = "enclave-test"
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    """A tiny random DeepSeek-V3 model with a tokenizer, installed as base model
+    `enclave-test` under ENCLAVE_MODELS_DIR (shared with every child process)."""
+    from django.conf import settings
+
+    from tests.inference.test_engine import make_model_dir
+
+    path = settings.ENCLAVE_MODELS_DIR / BASE_MODEL
+    if not (path / "config.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        make_model_dir(path)
+    return BASE_MODEL
+
+
 @pytest.fixture(scope="session")
 def live_server_url(process_env, tmp_path_factory):
     """A real uvicorn process serving the platform on a free port, on the test database."""

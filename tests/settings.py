@@ -29,6 +29,9 @@ os.environ["ENCLAVE_VAR_DIR"] = str(
     / f"test-run-{RUN_ID}"
 )
 
+# Base models for the suite: a tiny random model the `base_model` fixture writes here.
+os.environ["ENCLAVE_MODELS_DIR"] = str(Path(os.environ["ENCLAVE_VAR_DIR"]) / "models")
+
 from controlplane.settings import *  # noqa: E402,F403
 from controlplane.settings import CELERY_BROKER_URL, DATABASES  # noqa: E402
 

@@ -25,24 +25,46 @@ class Principal:
         return ROLE_RANK[self.role] >= ROLE_RANK[role]
 
 
+class ApiKeyRefused(Exception):
+    """No usable API key: missing, malformed, unknown, revoked or expired (HTTP 401)."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+def principal_from_authorization(header: str) -> Principal | None:
+    """The Principal an `Authorization` header names; None when there is no header.
+
+    Raises ApiKeyRefused for anything but a valid `Bearer <key>`.
+    """
+    if not header:
+        return None
+    scheme, _, raw = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        raise ApiKeyRefused("Use 'Authorization: Bearer <API key>'.")
+    key = api_key_authenticate(raw=raw.strip())
+    if key is None:
+        raise ApiKeyRefused(
+            "Incorrect, revoked or expired API key provided.", code="invalid_api_key"
+        )
+    return Principal(tenant=key.tenant, role=key.role, actor=f"key:{key.prefix}")
+
+
 class ApiKeyAuthentication(BaseAuthentication):
     """`Authorization: Bearer enc_...`, as the openai client sends it."""
 
     def authenticate(self, request):
-        header = get_authorization_header(request).decode("latin-1")
-        if not header:
-            return None
-        scheme, _, raw = header.partition(" ")
-        if scheme.lower() != "bearer" or not raw.strip():
-            raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <API key>'.")
-        key = api_key_authenticate(raw=raw.strip())
-        if key is None:
-            raise exceptions.AuthenticationFailed(
-                "Incorrect, revoked or expired API key provided.", code="invalid_api_key"
+        try:
+            principal = principal_from_authorization(
+                get_authorization_header(request).decode("latin-1")
             )
-        principal = Principal(tenant=key.tenant, role=key.role, actor=f"key:{key.prefix}")
+        except ApiKeyRefused as exc:
+            raise exceptions.AuthenticationFailed(str(exc), code=exc.code) from exc
+        if principal is None:
+            return None
         request._request.principal = principal  # for the audit middleware
-        return principal, key
+        return principal, None
 
     def authenticate_header(self, request):
         return 'Bearer realm="enclave"'

@@ -55,7 +55,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "controlplane.middleware.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -142,6 +142,11 @@ ENCLAVE_VAULT_DIR = env.str("ENCLAVE_VAULT_DIR", default="") or None  # None: VA
 ENCLAVE_VAULT_CHUNK_BYTES = env.int("ENCLAVE_VAULT_CHUNK_BYTES", default=1024 * 1024)
 # Base models: every directory under here with a config.json and safetensors weights.
 ENCLAVE_MODELS_DIR = Path(env.str("ENCLAVE_MODELS_DIR", default=str(REPO_DIR / "models")))
+# The serving engine hosted in each web process (inference.Engine), one per base model.
+ENCLAVE_ENGINE_KV_CACHE_BYTES = env.int("ENCLAVE_ENGINE_KV_CACHE_BYTES", default=256 << 20)
+ENCLAVE_ENGINE_MAX_BATCH_TOKENS = env.int("ENCLAVE_ENGINE_MAX_BATCH_TOKENS", default=512)
+ENCLAVE_ENGINE_MAX_ACTIVE_ADAPTERS = env.int("ENCLAVE_ENGINE_MAX_ACTIVE_ADAPTERS", default=8)
+ENCLAVE_CHAT_MAX_MESSAGES = env.int("ENCLAVE_CHAT_MAX_MESSAGES", default=1024)
 ENCLAVE_FILE_MAX_BYTES = env.int("ENCLAVE_FILE_MAX_BYTES", default=64 * 1024 * 1024)
 FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.MemoryFileUploadHandler"]
 FILE_UPLOAD_MAX_MEMORY_SIZE = ENCLAVE_FILE_MAX_BYTES + 1024 * 1024

@@ -12,6 +12,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("v1/", include("controlplane.files.urls")),
     path("v1/", include("controlplane.tuning.urls")),
+    path("v1/", include("controlplane.serving.urls")),
 ]
 
 handler404 = "controlplane.api_errors.envelope_404"
