@@ -173,6 +173,7 @@ async def chat_completions(request):
 
     async def events():
         usage = None
+        recorded = False
         try:
             yield chunk({"role": "assistant", "content": "", "refusal": None})
             delta = first
@@ -185,6 +186,9 @@ async def chat_completions(request):
                     yield chunk({}, finish=_finish(delta.finish_reason))
                     break
                 delta = await anext(deltas)
+            # Metered before the client can see the end of the stream.
+            await record(usage)
+            recorded = True
             if req.include_usage and usage is not None:
                 payload = {**meta, "object": "chat.completion.chunk", "choices": [],
                            "usage": _usage_json(usage)}  # fmt: skip
@@ -196,7 +200,8 @@ async def chat_completions(request):
             yield f"data: {json.dumps(body)}\n\n"
         finally:
             await deltas.aclose()
-            await record(usage)
+            if not recorded:
+                await record(usage)
 
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
