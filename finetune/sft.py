@@ -39,10 +39,9 @@ import torch
 import torch.nn.functional as F
 
 import inference
-from finetune import data, lora
+from finetune import data, lora, run
 from finetune.callbacks import NullCallbacks, TrainingCallbacks, check_stop_request
 
-STATE_VERSION = 1
 # Config fields a resumed run must share with the run that wrote the state: anything that
 # changes the adapter's shape, the data order or the schedule.
 _RESUME_KEYS = (
@@ -195,7 +194,7 @@ def train_sft(
     if not any(label != data.IGNORE_INDEX for row in train_rows for label in row.labels):
         raise ValueError("train_examples hold no assistant tokens to train on")
 
-    device = _device()
+    device = run.pick_device()
     torch.manual_seed(config.seed)  # LoRA A init
     model = inference.load_model(config.model_path, device=device)
     if initial_adapter is not None:  # a resume state then overwrites its tensors
@@ -218,7 +217,7 @@ def train_sft(
         params, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=False
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, config.warmup_steps, total_steps)
+        optimizer, lambda step: run.lr_factor(step, config.warmup_steps, total_steps)
     )
     progress = _Progress()
     if state is not None:
@@ -240,7 +239,7 @@ def train_sft(
             break  # the data ran out (epochs mode): the last step was the final one
         lr = scheduler.get_last_lr()[0]
         loss_sum, hits, n_tokens, n_input = _train_step(peft_model, micro, device)
-        grad_norm = _clip(params, config.max_grad_norm)
+        grad_norm = run.clip_gradients(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -292,7 +291,7 @@ def train_sft(
 
     final_state = _save_state(config, peft_model, optimizer, scheduler, batches, progress)
     if progress.best_lora is not None and config.early_stopping_patience is not None:
-        _load_lora(peft_model, progress.best_lora)
+        run.load_lora_tensors(peft_model, progress.best_lora)
     result_metrics = dict(last_metrics)
     if progress.best_val_loss is not None:
         result_metrics.update(
@@ -325,7 +324,7 @@ def evaluate_adapter(
     rows = _rows(
         _load_tokenizer(model_path), _normalise(examples, "examples"), config, shuffle_seed=None
     )
-    device = _device()
+    device = run.pick_device()
     model = inference.load_model(model_path, device=device)
     if adapter_files is not None:
         model = lora.load_adapter(model, adapter_files)
@@ -388,10 +387,6 @@ def _load_tokenizer(model_path: str):
     return load_tokenizer(model_path)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _take(batches: data.BatchIterator, n: int) -> list[dict[str, torch.Tensor]]:
     out = []
     for _ in range(n):
@@ -442,22 +437,6 @@ def _train_step(
     return loss_sum, hits_sum, total, n_input
 
 
-def _clip(params: list[torch.Tensor], max_norm: float) -> float:
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine from 1 to 0 at ``total``
-    (the shape of transformers' get_cosine_schedule_with_warmup)."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
-
-
 @torch.no_grad()
 def _evaluate(
     model, rows: list[data.PackedRow], batch_size: int, device: torch.device
@@ -503,17 +482,6 @@ def _note_evaluation(progress: _Progress, val_loss: float, model, config: SFTCon
     return patience is not None and progress.bad_evals >= patience
 
 
-def _load_lora(model, tensors: Mapping[str, torch.Tensor]) -> None:
-    params = lora.lora_state(model)
-    if set(params) != set(tensors):
-        raise ValueError("resume state holds a different adapter than the config builds")
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != tensors[name].shape:
-                raise ValueError(f"resume state: {name} has shape {tuple(tensors[name].shape)}")
-            p.copy_(tensors[name])
-
-
 def _resume_view(config: SFTConfig) -> dict:
     d = dataclasses.asdict(config)
     view = {k: d[k] for k in _RESUME_KEYS}
@@ -522,15 +490,12 @@ def _resume_view(config: SFTConfig) -> dict:
 
 
 def _save_state(config, model, optimizer, scheduler, batches, progress: _Progress) -> bytes:
-    """Everything a fresh process needs to continue, as torch.save bytes (weights_only-safe)."""
-    state = {
-        "version": STATE_VERSION,
-        "kind": "sft",
-        "config": json.dumps(_resume_view(config), sort_keys=True),
-        "lora": {k: v.detach().to("cpu").clone() for k, v in lora.lora_state(model).items()},
+    """Everything a fresh process needs to continue, as bytes (see finetune.run)."""
+    payload = {
+        "lora": run.lora_tensors(model),
         "optimizer": copy.deepcopy(optimizer.state_dict()),
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
+        "rng": run.rng_state(),
         "data": json.dumps(batches.state_dict()),
         "progress": json.dumps(
             {
@@ -543,32 +508,15 @@ def _save_state(config, model, optimizer, scheduler, batches, progress: _Progres
         ),
         "best_lora": progress.best_lora or {},
     }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+    return run.dump_state("sft", _resume_view(config), payload)
 
 
 def _load_state(raw: bytes, config: SFTConfig) -> dict:
-    try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises a zoo of types for corrupt or foreign bytes
-        raise ValueError(f"resume_state is not an SFT state: {e}") from e
-    if not isinstance(state, dict) or state.get("kind") != "sft":
-        raise ValueError("resume_state is not an SFT state")
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"resume_state has version {state.get('version')}, not {STATE_VERSION}")
-    saved = json.loads(state["config"])
-    mine = _resume_view(config)
-    for key in _RESUME_KEYS:
-        if saved[key] != mine[key]:
-            raise ValueError(
-                f"resume_state was written with {key}={saved[key]!r}, not {mine[key]!r}"
-            )
-    return state
+    return run.load_state(raw, "sft", _resume_view(config))
 
 
 def _restore(state: dict, model, optimizer, scheduler, batches, progress: _Progress) -> None:
-    _load_lora(model, state["lora"])
+    run.load_lora_tensors(model, state["lora"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(json.loads(state["data"]))
@@ -580,21 +528,7 @@ def _restore(state: dict, model, optimizer, scheduler, batches, progress: _Progr
     progress.best_val_loss = saved["best_val_loss"]
     progress.bad_evals = saved["bad_evals"]
     progress.best_lora = dict(state["best_lora"]) or None
-    _set_rng_state(state["rng"])
-
-
-def _rng_state() -> dict:
-    # Python's random is not used by the step; torch's generators are (dropout, init).
-    out = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    run.set_rng_state(state["rng"])
 
 
 def _check_adapter_matches(peft_model, config: SFTConfig) -> None:
