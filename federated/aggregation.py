@@ -485,3 +485,61 @@ def aggregate(
         naive_lora_error=naive_err,
         truncation_error=truncation,
     )
+
+
+def aggregate_lora(
+    updates: Sequence[Params],
+    weights: Sequence[float],
+    *,
+    current: Params,
+    method: str = "fedavg",
+    robust: str = "none",
+    norm_bound: float | None = None,
+    trim_fraction: float = 0.2,
+    lora_alpha: float | None = None,
+    lora_r: int | None = None,
+    n_byzantine: int = 1,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Thin adapter for the Flower strategy: list in, (tensors, JSON-able report) out.
+
+    ``method``: fedavg / fedprox / fedadam (all a weighted mean of the members' adapters
+    here; FedProx's term is client-side and FedAdam's server step is `FedAdam.step`), ffa or
+    svd (re-factored to ``lora_r``). ``robust``: none / trimmed_mean / krum / multi_krum.
+    ``norm_bound``: a fixed L2 bound on each delta; None bounds robust rules by 3x the median
+    norm and leaves plain means unclipped. ``lora_alpha`` is accepted for symmetry: the
+    alpha/r scale is common to all members and factors out of every rule. Tensors come back
+    as torch tensors when the updates were torch tensors (so ``ArrayRecord(tensors)``
+    works), numpy arrays otherwise. Raises like `aggregate`.
+    """
+    del lora_alpha
+    lora_mode = {"ffa": "ffa", "svd": "svd"}.get(method, "naive")
+    if method not in ("fedavg", "fedprox", "fedadam", "ffa", "svd"):
+        raise ValueError(f"unknown aggregation method {method!r}")
+    rule = {"none": "mean"}.get(robust, robust)
+    multiple = None if (norm_bound is not None or rule == "mean") else 3.0
+    result = aggregate(
+        current,
+        dict(enumerate(updates)),
+        dict(enumerate(weights)),
+        lora_mode=lora_mode,
+        robust=rule,
+        norm_bound=norm_bound,
+        norm_bound_median_multiple=multiple,
+        trim_ratio=trim_fraction,
+        n_byzantine=n_byzantine,
+        rank=lora_r,
+    )
+    tensors: dict[str, Any] = result.params
+    if updates and hasattr(next(iter(updates[0].values())), "detach"):
+        import torch
+
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+    report = {
+        "accepted": [int(i) for i in result.accepted],
+        "rejected": {str(k): v for k, v in result.rejected.items()},
+        "clip_factors": {str(k): float(v) for k, v in result.clip_factors.items()},
+        "norm_bound": result.norm_bound,
+        "naive_lora_error": result.naive_lora_error,
+        "truncation_error_max": result.truncation_error.get("__max__"),
+    }
+    return tensors, report

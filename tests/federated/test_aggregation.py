@@ -8,6 +8,7 @@ from federated.aggregation import (
     FedAdam,
     RejectedUpdate,
     aggregate,
+    aggregate_lora,
     fedavg,
     fedprox_penalty,
     ffa_lora_aggregate,
@@ -216,3 +217,15 @@ def test_aggregate_ffa_and_svd_modes_report_errors():
     free = {i: _adapter(rng) for i in range(4)}
     svd = aggregate(g, free, weights, lora_mode="svd", norm_bound_median_multiple=None, rank=16)
     assert svd.truncation_error["__max__"] < 1e-6 and svd.naive_lora_error > 0.05
+
+
+def test_aggregate_lora_adapter_takes_torch_state_dicts_and_returns_torch():
+    rng = np.random.default_rng(6)
+    g = {k: torch.from_numpy(v) for k, v in _adapter(rng).items()}
+    ups = [{k: torch.from_numpy(v) for k, v in _adapter(rng).items()} for _ in range(6)]
+    ups[4] = {k: v * float("nan") for k, v in ups[4].items()}
+    tensors, report = aggregate_lora(
+        ups, [1, 2, 3, 4, 5, 6], current=g, method="svd", robust="krum", lora_r=R
+    )
+    assert all(torch.is_tensor(t) and t.dtype == torch.float32 for t in tensors.values())
+    assert "NaN" in report["rejected"]["4"] and report["truncation_error_max"] >= 0
