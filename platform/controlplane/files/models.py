@@ -14,11 +14,14 @@ class File(models.Model):
         FINE_TUNE = "fine-tune"
         BATCH = "batch"
         EVALS = "evals"
+        BATCH_OUTPUT = "batch_output"  # written by the platform, not uploadable
 
     class Status(models.TextChoices):
         UPLOADED = "uploaded"
         PROCESSED = "processed"  # validated, usable
         ERROR = "error"  # stored, but failed validation: see status_details
+
+    UPLOADABLE = ("fine-tune", "batch", "evals")
 
     id = models.CharField(primary_key=True, max_length=40, default=new_file_id, editable=False)
     tenant = models.ForeignKey("tenancy.Tenant", on_delete=models.CASCADE, related_name="files")

@@ -74,9 +74,9 @@ def _validate_jsonl(data: bytes, *, require: tuple[str, ...]) -> dict:
 def file_create(*, tenant, filename: str, purpose: str, chunks: Iterator[bytes], size: int) -> File:
     """Validate an upload and store it encrypted. Raises FileTooLarge, QuotaExceeded, or
     ValidationError (bad purpose, binary content); nothing is stored when it raises."""
-    if purpose not in File.Purpose.values:
+    if purpose not in File.UPLOADABLE:
         raise ValidationError(
-            {"purpose": f"{purpose!r} is not one of {', '.join(File.Purpose.values)}"}
+            {"purpose": f"{purpose!r} is not one of {', '.join(File.UPLOADABLE)}"}
         )
     limit = settings.ENCLAVE_FILE_MAX_BYTES
     if size > limit:
@@ -111,3 +111,17 @@ def file_delete(*, tenant, file_id: str) -> str:
             vault_services.blob_destroy(tenant=tenant, blob_id=file.blob_id)
         file.delete()
     return file_id
+
+
+def file_create_from_bytes(*, tenant, filename: str, purpose: str, data: bytes) -> File:
+    """A file the platform writes itself (batch output), stored encrypted, no validation."""
+    with transaction.atomic():
+        blob = vault_services.blob_put(tenant=tenant, kind=f"file:{purpose}", source=[data])
+        return File.objects.create(
+            tenant=tenant,
+            filename=filename,
+            purpose=purpose,
+            bytes=len(data),
+            status=File.Status.PROCESSED,
+            blob=blob,
+        )

@@ -39,10 +39,10 @@ class FileOutput(serializers.ModelSerializer):
 class FileUploadInput(serializers.Serializer):
     file = serializers.FileField()
     purpose = serializers.ChoiceField(
-        choices=File.Purpose.values,
+        choices=File.UPLOADABLE,
         error_messages={
             "invalid_choice": f'"{{input}}" is not a valid purpose: use one of '
-            f"{', '.join(File.Purpose.values)}"
+            f"{', '.join(File.UPLOADABLE)}"
         },
     )
 
