@@ -155,6 +155,108 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Enclave API",
     "DESCRIPTION": "OpenAI-compatible API for tenants' fine-tuning, serving and federations.",
     "VERSION": "0.1.0",
+    # /v1/chat/completions is a plain async Django view (not DRF), described here by hand.
+    "APPEND_PATHS": {
+        "/v1/chat/completions": {
+            "post": {
+                "operationId": "chat_completions_create",
+                "summary": "Create a chat completion (OpenAI-compatible; stream with SSE)",
+                "tags": ["v1"],
+                "security": [{"ApiKey": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["model", "messages"],
+                                "properties": {
+                                    "model": {"type": "string"},
+                                    "messages": {
+                                        "type": "array",
+                                        "minItems": 1,
+                                        "items": {
+                                            "type": "object",
+                                            "required": ["role", "content"],
+                                            "properties": {
+                                                "role": {
+                                                    "type": "string",
+                                                    "enum": [
+                                                        "system",
+                                                        "developer",
+                                                        "user",
+                                                        "assistant",
+                                                    ],
+                                                },
+                                                "content": {"type": "string"},
+                                            },
+                                        },
+                                    },
+                                    "max_tokens": {"type": "integer", "minimum": 1},
+                                    "max_completion_tokens": {"type": "integer", "minimum": 1},
+                                    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                                    "top_p": {
+                                        "type": "number",
+                                        "minimum": 0,
+                                        "exclusiveMinimum": True,
+                                        "maximum": 1,
+                                    },
+                                    "n": {"type": "integer", "enum": [1]},
+                                    "stop": {
+                                        "oneOf": [
+                                            {"type": "string"},
+                                            {
+                                                "type": "array",
+                                                "maxItems": 4,
+                                                "items": {"type": "string"},
+                                            },
+                                        ]
+                                    },
+                                    "seed": {"type": "integer"},
+                                    "stream": {"type": "boolean"},
+                                    "stream_options": {
+                                        "type": "object",
+                                        "properties": {"include_usage": {"type": "boolean"}},
+                                    },
+                                    "presence_penalty": {
+                                        "type": "number",
+                                        "minimum": -2,
+                                        "maximum": 2,
+                                    },
+                                    "frequency_penalty": {
+                                        "type": "number",
+                                        "minimum": -2,
+                                        "maximum": 2,
+                                    },
+                                    "logprobs": {"type": "boolean"},
+                                    "top_logprobs": {
+                                        "type": "integer",
+                                        "minimum": 0,
+                                        "maximum": 20,
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "A chat.completion object, or with stream=true a "
+                        "text/event-stream of chat.completion.chunk objects ending in [DONE]",
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "400": {"description": "Invalid request (OpenAI error envelope)"},
+                    "401": {"description": "Missing or invalid API key"},
+                    "403": {"description": "Role does not allow it"},
+                    "404": {"description": "Unknown model"},
+                    "429": {"description": "Rate limit; see Retry-After"},
+                },
+            }
+        }
+    },
 }
 
 LOGGING = {

@@ -176,3 +176,19 @@ def test_unreachable_services_stop_the_suite_with_instructions(tmp_path):
     assert result.returncode == 3, result.stdout + result.stderr
     assert "Redis is not reachable" in result.stdout + result.stderr
     assert "redis-server" in result.stdout + result.stderr
+
+
+def test_openapi_schema_generates_without_warnings_and_validates(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "manage.py", "spectacular", "--fail-on-warn", "--validate",
+         "--format", "openapi-json", "--file", str(tmp_path / "schema.json")],
+        cwd=REPO, env=_clean_env(ENCLAVE_VAR_DIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    paths = json.loads((tmp_path / "schema.json").read_text())["paths"]
+    for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/models", "/v1/batches",
+                 "/v1/chat/completions"):  # fmt: skip
+        assert path in paths

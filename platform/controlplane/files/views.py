@@ -51,10 +51,11 @@ class FileListView(APIView):
     parser_classes = [MultiPartParser]
 
     @extend_schema(
+        operation_id="v1_files_list",
         responses=inline_serializer(
             "FileList",
             {"object": serializers.CharField(), "data": FileOutput(many=True)},
-        )
+        ),
     )
     def get(self, request):
         purpose = request.query_params.get("purpose") or None

@@ -78,7 +78,7 @@ class BatchListView(APIView):
         request._request.audit_object = ("batch", batch.id)
         return Response(BatchOutput(batch).data)
 
-    @extend_schema(responses=BatchOutput(many=True))
+    @extend_schema(operation_id="v1_batches_list", responses=BatchOutput(many=True))
     def get(self, request):
         items = selectors.batches_list(tenant=request.user.tenant)
         data = [BatchOutput(b).data for b in items[:100]]

@@ -1,5 +1,6 @@
 """/v1/fine_tuning/jobs and /v1/models in OpenAI's shapes. Thin: parse, call, render."""
 
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
@@ -123,6 +124,7 @@ class JobListView(APIView):
         return Response(JobOutput(job).data)
 
     @extend_schema(
+        operation_id="v1_fine_tuning_jobs_list",
         parameters=[OpenApiParameter("after", str), OpenApiParameter("limit", int)],
         responses=JobOutput(many=True),
     )
@@ -179,7 +181,10 @@ def _event_json(event: FineTuningEvent) -> dict:
 
 
 class JobEventsView(APIView):
-    @extend_schema(parameters=[OpenApiParameter("after", str), OpenApiParameter("limit", int)])
+    @extend_schema(
+        parameters=[OpenApiParameter("after", str), OpenApiParameter("limit", int)],
+        responses=OpenApiTypes.OBJECT,
+    )
     def get(self, request, job_id: str):
         events = selectors.fine_tuning_events_list(tenant=request.user.tenant, job_id=job_id)
         page, has_more = _page(request, events, lambda e: f"ftevent-{e.pk}")
@@ -203,7 +208,10 @@ def _checkpoint_json(ckpt: FineTuningCheckpoint) -> dict:
 
 
 class JobCheckpointsView(APIView):
-    @extend_schema(parameters=[OpenApiParameter("after", str), OpenApiParameter("limit", int)])
+    @extend_schema(
+        parameters=[OpenApiParameter("after", str), OpenApiParameter("limit", int)],
+        responses=OpenApiTypes.OBJECT,
+    )
     def get(self, request, job_id: str):
         ckpts = selectors.fine_tuning_checkpoints_list(tenant=request.user.tenant, job_id=job_id)
         page, has_more = _page(request, ckpts.select_related("job__tenant"), lambda c: c.id)
@@ -237,6 +245,7 @@ def models_visible(tenant) -> list[dict]:
 
 
 class ModelListView(APIView):
+    @extend_schema(operation_id="v1_models_list", responses=OpenApiTypes.OBJECT)
     def get(self, request):
         return Response({"object": "list", "data": models_visible(request.user.tenant)})
 
@@ -244,6 +253,7 @@ class ModelListView(APIView):
 class ModelDetailView(APIView):
     write_role = Role.MEMBER
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request, model_id: str):
         for model in models_visible(request.user.tenant):
             if model["id"] == model_id:
@@ -251,6 +261,7 @@ class ModelDetailView(APIView):
         selectors.adapter_get(tenant=request.user.tenant, model_id=model_id)  # raises 404
         raise AssertionError("unreachable")
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def delete(self, request, model_id: str):
         if selectors.base_model_get(name=model_id) is not None:
             return Response(
