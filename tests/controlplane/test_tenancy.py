@@ -103,3 +103,27 @@ def test_usage_is_metered_per_tenant_per_day(bank):
         100,
     )
     assert DailyUsage.objects.get(tenant=other).prompt_tokens == 1
+
+
+def test_delete_tenant_crypto_shreds_its_blobs_and_keeps_the_audit_trail(bank, tmp_path):
+    from controlplane.audit.models import AuditEvent
+    from controlplane.vault import selectors as vault_selectors
+    from controlplane.vault import services as vault_services
+    from controlplane.vault.exceptions import BlobNotFound
+
+    blob = vault_services.blob_put(tenant=bank, kind="file", source=[b"secret ledger"])
+    path = vault_selectors.blob_path(blob=blob)
+    copy = path.read_bytes()
+
+    with pytest.raises(CommandError, match="--yes"):
+        call_command("delete_tenant", "bank")
+    assert Tenant.objects.filter(slug="bank").exists()
+    call_command("delete_tenant", "bank", "--yes", stdout=StringIO())
+
+    assert not Tenant.objects.filter(slug="bank").exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(copy)  # even with its ciphertext put back, nothing can be read
+    with pytest.raises(BlobNotFound):
+        vault_selectors.blob_read_bytes(tenant=bank, blob_id=blob.pk)
+    event = AuditEvent.objects.get(action="delete_tenant")
+    assert (event.tenant_slug, event.object_id) == ("bank", "bank")

@@ -154,3 +154,14 @@ def rate_limit_consume(*, tenant: Tenant, requests: int = 1, tokens: int = 0) ->
                 f"rate limit of {limit} {what} per minute reached for tenant {tenant.slug}",
                 retry_after=retry_after,
             )
+
+
+def tenant_delete(*, tenant: Tenant) -> None:
+    """Erase a tenant: crypto-shred every blob (its keys are destroyed first, so even a
+    copy of its files or an old backup of its rows cannot be decrypted), then delete its
+    rows. The audit log keeps the tenant's slug."""
+    from controlplane.vault.services import tenant_keys_destroy
+
+    with transaction.atomic():
+        tenant_keys_destroy(tenant=tenant)
+        tenant.delete()
