@@ -676,6 +676,40 @@ class SecAggServer:
 # --------------------------------------------------------------------------------------
 
 
+def flatten_params(params: dict) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:
+    """Concatenate an adapter dict (numpy arrays or torch tensors) into one float64 vector.
+
+    Returns (vector, layout); layout is [(name, shape)] in sorted-name order, so every
+    member and the server lay the same adapter out the same way.
+    """
+    layout, parts = [], []
+    for name in sorted(params):
+        value = params[name]
+        if hasattr(value, "detach"):
+            value = value.detach().to("cpu").double().numpy()
+        arr = np.asarray(value, dtype=np.float64)
+        layout.append((name, tuple(arr.shape)))
+        parts.append(arr.ravel())
+    return np.concatenate(parts) if parts else np.zeros(0), layout
+
+
+def unflatten_params(
+    vector: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]
+) -> dict[str, np.ndarray]:
+    """Inverse of `flatten_params`: split a vector back into {name: array}.
+
+    Raises ValueError when the vector length does not match the layout.
+    """
+    sizes = [int(np.prod(shape)) for _, shape in layout]
+    if sum(sizes) != len(vector):
+        raise ValueError(f"vector has {len(vector)} values, layout needs {sum(sizes)}")
+    out, start = {}, 0
+    for (name, shape), size in zip(layout, sizes, strict=True):
+        out[name] = np.asarray(vector[start : start + size]).reshape(shape)
+        start += size
+    return out
+
+
 def weighted_payload(vector: np.ndarray, weight: float) -> np.ndarray:
     """The vector a member masks for weighted averaging: [w * x, w].
 
