@@ -333,6 +333,8 @@ class SecAggClient:
 
     def __init__(self, client_id: int, round_id: str, threshold: int, fixed_point: FixedPoint):
         self.client_id = _check_id(client_id)
+        if not isinstance(round_id, str) or not round_id:
+            raise ValueError("round_id must be a non-empty string unique to the round")
         self.round_id = round_id
         if threshold < 2:
             raise ValueError("threshold must be >= 2")
@@ -519,6 +521,8 @@ class SecAggServer:
     rejected: dict[int, str] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.round_id, str) or not self.round_id:
+            raise ValueError("round_id must be a non-empty string unique to the round")
         if self.threshold < 2:
             raise ValueError("threshold must be >= 2")
         if self.vector_len < 1:
@@ -622,7 +626,8 @@ class SecAggServer:
         survivors = list(self.u3)
         dropped = sorted(set(self.u2) - set(self.u3))
         # The "never both" rule: a member is in exactly one of the two sets.
-        assert not set(survivors) & set(dropped)
+        if set(survivors) & set(dropped):
+            raise SecAggAborted("a member is both a survivor and dropped")
         fp = self.fixed_point
         n = self.vector_len
 
