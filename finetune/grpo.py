@@ -1,6 +1,9 @@
 """GRPO: group-relative advantages and the clipped policy loss, as TRL 1.16's GRPOTrainer
 computes them (``trl/trainer/grpo_trainer.py``: ``_generate_and_score_completions`` for the
-advantages, ``_compute_loss`` for the loss).
+advantages, ``_compute_loss`` for the loss), and ``train_grpo``, a LoRA training loop over
+the domain suites' verifiable tasks with the same callbacks and exact resume as ``train_sft``.
+
+    result = train_grpo(GRPOConfig(model_path=..., max_steps=50), tasks=SUITES["finance"].generate(64))
 
 We reimplement rather than import TRL: its loss is a method of a Trainer that owns the
 generation, the optimizer and accelerate, while our loop must run inside a Celery job or a
@@ -14,9 +17,23 @@ that count), ``advantages`` is [B] or [B, T].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import dataclasses
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+import inference
+from finetune.callbacks import NullCallbacks, TrainingCallbacks, check_stop_request
+
+if TYPE_CHECKING:
+    from finetune.domains import TaskItem
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
@@ -178,3 +195,421 @@ def grpo_loss(
             clip_ratio_region=masked_mean((low | high).float()),
         )
     return loss, stats
+
+
+# ---- the training loop --------------------------------------------------------------------
+#
+# Sampling runs on the policy itself (the LoRA-wrapped training model, full forward per new
+# token, no KV cache), not on the serving engine: the engine takes adapters only as PEFT
+# directories on disk and loads its own copy of the base model, and a policy that changes
+# every step would have to be written to disk each time, which plaintext-derived adapters
+# must never be. Slow for long completions; right for the small groups the tests and demos use.
+
+
+@dataclass
+class GRPOConfig:
+    """One GRPO run. Defaults follow TRL's GRPOConfig where it has the same knob."""
+
+    model_path: str  # checkpoint directory: config.json, safetensors, tokenizer.json
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scale numerator
+    lora_dropout: float = 0.0  # dropout on the LoRA input (training forward only)
+    targets: tuple[str, ...] = ("mla", "mlp")  # LoRA target sets (finetune.lora.TARGET_SETS)
+    learning_rate: float = 1e-5  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 0  # optimizer steps of linear warmup, then cosine decay to 0
+    max_steps: int = 100  # generation batches (each gives num_iterations optimizer steps)
+    prompts_per_step: int = 4  # groups per generation batch
+    group_size: int = 8  # completions sampled per prompt (TRL's num_generations)
+    max_prompt_len: int = 512  # longer prompts keep their last tokens
+    max_completion_length: int = 256  # tokens generated at most per completion
+    temperature: float = 1.0  # sampling temperature; logps are taken at it too, as TRL does
+    top_p: float = 1.0  # nucleus sampling mass
+    loss_type: str = "dapo"  # grpo, bnpo, dr_grpo or dapo (see grpo_loss)
+    beta: float = 0.0  # KL coefficient to the base model (0: no reference pass)
+    epsilon_low: float = 0.2  # lower clip: ratio >= 1 - epsilon_low
+    epsilon_high: float = 0.28  # upper clip: ratio <= 1 + epsilon_high (DAPO's clip-higher)
+    importance_sampling_level: str = "token"  # "token" or "sequence" (GSPO)
+    scale_rewards: str = "group"  # advantage scaling: "group", "batch" or "none"
+    num_iterations: int = 1  # optimizer steps per generation batch (TRL's mu)
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
+    max_sampling_rounds: int = 3  # with dynamic_sampling: rounds of resampling per step
+    seed: int = 0  # LoRA init, prompt order, sampling
+    log_every: int = 1  # on_metrics every this many steps (and at the last)
+    checkpoint_every: int = 0  # on_checkpoint every this many steps; 0: never
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that cannot describe a run."""
+        for name in (
+            "lora_r",
+            "lora_alpha",
+            "max_steps",
+            "prompts_per_step",
+            "max_prompt_len",
+            "max_completion_length",
+            "num_iterations",
+            "max_sampling_rounds",
+            "log_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError("GRPOConfig.group_size must be >= 2: advantages compare a group")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"GRPOConfig.loss_type must be one of {LOSS_TYPES}")
+        if self.scale_rewards not in SCALES:
+            raise ValueError(f"GRPOConfig.scale_rewards must be one of {SCALES}")
+        if self.importance_sampling_level not in IMPORTANCE_LEVELS:
+            raise ValueError(f"GRPOConfig.importance_sampling_level must be in {IMPORTANCE_LEVELS}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError("GRPOConfig needs temperature > 0 and top_p in (0, 1]")
+        if self.learning_rate <= 0 or self.beta < 0 or self.checkpoint_every < 0:
+            raise ValueError("GRPOConfig needs learning_rate > 0, beta >= 0, checkpoint_every >= 0")
+
+
+@dataclass
+class GRPOResult:
+    """How a run ended: status ("succeeded", "cancelled", "paused"), generation batches done,
+    the adapter in PEFT format, the last metrics, and resumable state bytes."""
+
+    status: str
+    steps: int
+    adapter_files: dict[str, bytes]
+    metrics: dict = field(default_factory=dict)
+    state: bytes = b""
+
+
+RewardFn = Callable[[str, "TaskItem"], float]
+
+_GRPO_RESUME_KEYS = (
+    "lora_r",
+    "lora_alpha",
+    "targets",
+    "max_steps",
+    "prompts_per_step",
+    "group_size",
+    "seed",
+    "num_iterations",
+    "warmup_steps",
+    "learning_rate",
+    "dynamic_sampling",
+)
+
+
+def train_grpo(
+    config: GRPOConfig,
+    *,
+    tasks: Sequence[TaskItem | dict],
+    reward_fn: RewardFn | None = None,
+    callbacks: TrainingCallbacks | None = None,
+    resume_state: bytes | None = None,
+    initial_adapter: Mapping[str, bytes] | None = None,
+) -> GRPOResult:
+    """Train a LoRA adapter with GRPO on verifiable tasks.
+
+    ``tasks``: ``finetune.domains`` TaskItems (or their ``to_dict`` form); prompts are their
+    chat messages, drawn in an order fixed by the seed. ``reward_fn(completion_text, item)``
+    scores a completion (decoded without special tokens); default ``domains.reward`` (format
+    0.2 + correct 0.8). Each step samples ``group_size`` completions for each of
+    ``prompts_per_step`` prompts, scores them, computes group advantages and takes
+    ``num_iterations`` optimizer steps on ``grpo_loss`` (one micro-batch per group).
+
+    on_metrics gets, per logged step: step, reward_mean, reward_std (over every sampled
+    completion), frac_reward_zero_std, groups_sampled, groups_kept, loss, kl (beta > 0),
+    entropy, clip_ratio_low/high/region, completion_length (mean, plus _min/_max),
+    terminated_fraction (ended with eos), lr, grad_norm, elapsed_s, eta_s.
+    ``resume_state``/``on_checkpoint`` state resumes exactly, as in ``train_sft``.
+
+    Raises ValueError for a bad config, no tasks, or a state/adapter that does not fit.
+    """
+    from finetune import data, lora, run
+    from finetune.domains import TaskItem
+    from finetune.domains import reward as domain_reward
+    from finetune.tokenizer import EOS, PAD_ID, load_tokenizer
+
+    config.validate()
+    callbacks = callbacks or NullCallbacks()
+    items = [t if isinstance(t, TaskItem) else TaskItem.from_dict(t) for t in tasks]
+    if not items:
+        raise ValueError("train_grpo needs at least one task")
+    reward_fn = reward_fn or domain_reward
+    view = _grpo_resume_view(config)
+    state = run.load_state(resume_state, "grpo", view) if resume_state is not None else None
+
+    tokenizer = load_tokenizer(config.model_path)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    prompts = [data.encode_prompt(tokenizer, it.prompt)[-config.max_prompt_len :] for it in items]
+
+    device = run.pick_device()
+    torch.manual_seed(config.seed)
+    model = inference.load_model(config.model_path, device=device)
+    if initial_adapter is not None:
+        policy = lora.load_adapter(model, initial_adapter, trainable=True)
+    else:
+        policy = lora.apply_lora(
+            model, config.targets, config.lora_r, config.lora_alpha, config.lora_dropout
+        )
+    params = [p for p in policy.parameters() if p.requires_grad]
+    total_updates = config.max_steps * config.num_iterations
+    optimizer = torch.optim.AdamW(
+        params, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=False
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: run.lr_factor(s, config.warmup_steps, total_updates)
+    )
+    step, cursor, elapsed_before = 0, 0, 0.0
+    if state is not None:
+        run.load_lora_tensors(policy, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        progress = json.loads(state["progress"])
+        step, cursor, elapsed_before = progress["step"], progress["cursor"], progress["elapsed_s"]
+        run.set_rng_state(state["rng"])
+
+    def save() -> bytes:
+        payload = {
+            "lora": run.lora_tensors(policy),
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "scheduler": scheduler.state_dict(),
+            "rng": run.rng_state(),
+            "progress": json.dumps(
+                {"step": step, "cursor": cursor, "elapsed_s": elapsed_before + clock()}
+            ),
+        }
+        return run.dump_state("grpo", view, payload)
+
+    start_time, start_step = time.perf_counter(), step
+
+    def clock() -> float:
+        return time.perf_counter() - start_time
+
+    status, last_metrics = "succeeded", {}
+    while step < config.max_steps:
+        request = check_stop_request(callbacks.should_stop())
+        if request is not None:
+            status = "cancelled" if request == "cancel" else "paused"
+            break
+        # -- sample and score groups (dynamic sampling drops groups without signal)
+        policy.eval()
+        kept: list[_Group] = []
+        all_rewards: list[torch.Tensor] = []
+        rounds = config.max_sampling_rounds if config.dynamic_sampling else 1
+        for _ in range(rounds):
+            for _ in range(config.prompts_per_step - len(kept)):
+                index = _prompt_index(cursor, len(items), config.seed)
+                group = _sample_group(
+                    policy,
+                    prompts[index],
+                    config,
+                    eos_id,
+                    PAD_ID,
+                    torch.Generator().manual_seed(_sample_seed(config.seed, cursor)),
+                    device,
+                )
+                cursor += 1
+                texts = [
+                    tokenizer.decode(ids[: int(n)].tolist(), skip_special_tokens=True)
+                    for ids, n in zip(group.completion, group.mask.sum(1), strict=True)
+                ]
+                group.rewards = torch.tensor(
+                    [float(reward_fn(text, items[index])) for text in texts]
+                )
+                all_rewards.append(group.rewards)
+                if config.dynamic_sampling and zero_std_fraction(group.rewards, len(texts)) == 1:
+                    continue
+                kept.append(group)
+            if len(kept) == config.prompts_per_step:
+                break
+
+        # -- advantages, reference and old log-probabilities
+        policy.train()
+        metrics: dict = {}
+        if kept:
+            advantages = group_advantages(
+                torch.cat([g.rewards for g in kept]), config.group_size, config.scale_rewards
+            ).split(config.group_size)
+            num_items = sum(float(g.mask.sum()) for g in kept)
+            with torch.no_grad():
+                for g in kept:
+                    if config.beta:
+                        with policy.disable_adapter():
+                            g.ref_logps = _completion_logps(policy, g, config.temperature)[0]
+                    if config.num_iterations > 1:
+                        g.old_logps = _completion_logps(policy, g, config.temperature)[0]
+            per_iteration = [
+                _update(policy, kept, advantages, num_items, config, optimizer, scheduler, params)
+                for _ in range(config.num_iterations)
+            ]
+            # Averaged over the iterations, as TRL averages what it logs between reports.
+            metrics = {
+                k: sum(m[k] for m in per_iteration) / len(per_iteration) for k in per_iteration[0]
+            }
+            metrics["lr"] = per_iteration[0]["lr"]
+        step += 1
+
+        rewards = torch.cat(all_rewards)
+        lengths = torch.cat([g.mask.sum(1) for g in kept]) if kept else torch.zeros(1)
+        done_here = step - start_step
+        if step % config.log_every == 0 or step == config.max_steps:
+            metrics.update(
+                step=step,
+                reward_mean=rewards.mean().item(),
+                reward_std=rewards.std().item() if rewards.numel() > 1 else 0.0,
+                frac_reward_zero_std=sum(
+                    zero_std_fraction(r, config.group_size) for r in all_rewards
+                )
+                / len(all_rewards),
+                groups_sampled=len(all_rewards),
+                groups_kept=len(kept),
+                completion_length=lengths.float().mean().item(),
+                completion_length_min=lengths.min().item(),
+                completion_length_max=lengths.max().item(),
+                terminated_fraction=(
+                    torch.cat([g.terminated for g in kept]).float().mean().item() if kept else 0.0
+                ),
+                elapsed_s=elapsed_before + clock(),
+                eta_s=clock() / done_here * (config.max_steps - step),
+            )
+            metrics.setdefault("lr", scheduler.get_last_lr()[0])
+            callbacks.on_metrics(metrics)
+            last_metrics = metrics
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            callbacks.on_checkpoint(step, save())
+
+    return GRPOResult(
+        status=status,
+        steps=step,
+        adapter_files=lora.adapter_files(policy),
+        metrics=last_metrics,
+        state=save(),
+    )
+
+
+@dataclass
+class _Group:
+    """One prompt's sampled completions (all [G, L]; prompt [G, P])."""
+
+    prompt: torch.Tensor
+    completion: torch.Tensor
+    mask: torch.Tensor  # 1 up to and including the first eos
+    terminated: torch.Tensor  # [G] bool: the completion ended with eos
+    rewards: torch.Tensor | None = None
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+
+
+def _prompt_index(cursor: int, n: int, seed: int) -> int:
+    """Prompt number ``cursor`` of the stream: epochs of a seeded permutation of the tasks."""
+    epoch, offset = divmod(cursor, n)
+    order = list(range(n))
+    random.Random(f"grpo:{seed}:{epoch}").shuffle(order)
+    return order[offset]
+
+
+def _sample_seed(seed: int, cursor: int) -> int:
+    # Derived from the position, so a resumed run samples what the first run would have.
+    return int.from_bytes(hashlib.sha256(f"grpo-sample:{seed}:{cursor}".encode()).digest()[:8])
+
+
+@torch.no_grad()
+def _sample_group(
+    model, prompt: list[int], config: GRPOConfig, eos_id: int, pad_id: int, generator, device
+) -> _Group:
+    """``group_size`` completions of ``prompt`` with temperature and top-p sampling."""
+    g = config.group_size
+    prompt_t = torch.tensor(prompt, dtype=torch.long, device=device).repeat(g, 1)
+    ids = prompt_t
+    done = torch.zeros(g, dtype=torch.bool)
+    out = []
+    for _ in range(config.max_completion_length):
+        logits = model(ids)[:, -1].float().cpu() / config.temperature
+        if config.top_p < 1:
+            sorted_x, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_x.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= config.top_p
+            logits = logits.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+        token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        out.append(token)
+        ids = torch.cat([ids, token.to(device)[:, None]], dim=1)
+        done |= token == eos_id
+        if done.all():
+            break
+    completion = torch.stack(out, dim=1)
+    is_eos = completion == eos_id
+    first_eos = torch.where(
+        is_eos.any(1), is_eos.float().argmax(1), torch.full((g,), completion.shape[1])
+    )
+    mask = (torch.arange(completion.shape[1])[None, :] <= first_eos[:, None]).float()
+    return _Group(prompt_t, completion.to(device), mask.to(device), is_eos.any(1))
+
+
+def _completion_logps(model, group: _Group, temperature: float):
+    """(log-probabilities [G, L] of the sampled tokens, their entropies [G, L], detached)."""
+    ids = torch.cat([group.prompt, group.completion], dim=1)
+    p = group.prompt.shape[1]
+    logits = model(ids)[:, p - 1 : -1].float() / temperature
+    logp_all = logits.log_softmax(-1)
+    logps = logp_all.gather(-1, group.completion[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
+    return logps, entropy
+
+
+def _update(policy, groups, advantages, num_items, config, optimizer, scheduler, params) -> dict:
+    """One optimizer step over every group (one micro-batch each); returns its metrics."""
+    from finetune import run
+
+    lr = scheduler.get_last_lr()[0]
+    sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "low": 0.0, "high": 0.0, "region": 0.0}
+    tokens = 0.0
+    for group, adv in zip(groups, advantages, strict=True):
+        logps, entropy = _completion_logps(policy, group, config.temperature)
+        loss, stats = grpo_loss(
+            logps,
+            group.old_logps,
+            group.ref_logps,
+            adv.to(logps.device),
+            group.mask,
+            loss_type=config.loss_type,
+            beta=config.beta,
+            epsilon_low=config.epsilon_low,
+            epsilon_high=config.epsilon_high,
+            importance_sampling_level=config.importance_sampling_level,
+            max_completion_length=config.max_completion_length,
+            num_items_in_batch=num_items,
+        )
+        if config.loss_type != "dapo":  # per-micro-batch losses: average over the groups
+            loss = loss / len(groups)
+        loss.backward()
+        n = float(group.mask.sum())
+        tokens += n
+        sums["loss"] += loss.item()
+        sums["entropy"] += float((entropy * group.mask).sum())
+        sums["kl"] += (stats.kl or 0.0) * n
+        sums["low"] += stats.clip_ratio_low * n
+        sums["high"] += stats.clip_ratio_high * n
+        sums["region"] += stats.clip_ratio_region * n
+    grad_norm = run.clip_gradients(params, config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    out = {
+        "loss": sums["loss"],
+        "entropy": sums["entropy"] / max(tokens, 1.0),
+        "clip_ratio_low": sums["low"] / max(tokens, 1.0),
+        "clip_ratio_high": sums["high"] / max(tokens, 1.0),
+        "clip_ratio_region": sums["region"] / max(tokens, 1.0),
+        "lr": lr,
+        "grad_norm": grad_norm,
+    }
+    if config.beta:
+        out["kl"] = sums["kl"] / max(tokens, 1.0)
+    return out
+
+
+def _grpo_resume_view(config: GRPOConfig) -> dict:
+    d = dataclasses.asdict(config)
+    view = {k: d[k] for k in _GRPO_RESUME_KEYS}
+    view["targets"] = list(view["targets"])
+    return view

@@ -38,10 +38,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer_dir):
-    """An FP8 model directory with config.json, safetensors and the tokenizer."""
-    root = tmp_path_factory.mktemp("sft_model")
+def build_model_dir(root, tokenizer_dir) -> str:
+    """An FP8 model directory under ``root`` with config.json, safetensors and the tokenizer."""
     hf = hf_model(TINY, seed=4)
     with torch.no_grad():  # a calmer init, so a few LoRA steps visibly move the loss
         for name, p in hf.named_parameters():
@@ -49,9 +47,14 @@ def model_dir(tmp_path_factory, tiny_tokenizer_dir):
                 p.mul_(0.3)
     save_hf(hf, root / "hf")
     inference.save_checkpoint(inference.load_model(root / "hf", fp8=True), root / "fp8")
-    for f in tiny_tokenizer_dir.iterdir():
+    for f in tokenizer_dir.iterdir():
         shutil.copy(f, root / "fp8" / f.name)
     return str(root / "fp8")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    return build_model_dir(tmp_path_factory.mktemp("sft_model"), tiny_tokenizer_dir)
 
 
 def _examples(n: int, seed: int = 0) -> list[dict]:
