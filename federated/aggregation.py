@@ -398,6 +398,7 @@ def aggregate(
     n_byzantine: int = 1,
     multi_krum_m: int | None = None,
     rank: int | None = None,
+    weight_cap_median_multiple: float | None = None,
 ) -> AggregationResult:
     """One round of server-side aggregation; the entry point for the ServerApp.
 
@@ -411,6 +412,9 @@ def aggregate(
             (weighted mean of the ``multi_krum_m`` best, default n - f).
         norm_bound / norm_bound_median_multiple: clip every delta to this L2 bound, or to
             the multiple of the median delta norm; both None turns clipping off.
+        weight_cap_median_multiple: cap each weight at this multiple of the median weight,
+            so a member cannot buy influence by over-reporting its example count (off by
+            default: genuinely large members would lose weight too).
     Returns an AggregationResult. Non-finite or misshapen updates are rejected (listed
     with reasons), never averaged. Raises RejectedUpdate when no update is left, and
     ValueError for an unknown mode or an infeasible Krum/trim setting.
@@ -451,6 +455,9 @@ def aggregate(
             deltas, norm_bound, norm_bound_median_multiple or 3.0
         )
     w = [float(weights[c]) for c in ids]
+    if weight_cap_median_multiple is not None:
+        cap = weight_cap_median_multiple * float(np.median(w))
+        w = [min(x, cap) for x in w]
     if robust in ("krum", "multi_krum"):
         m = 1 if robust == "krum" else (multi_krum_m or len(ids) - n_byzantine)
         keep = krum_select(deltas, n_byzantine, m)
@@ -499,6 +506,7 @@ def aggregate_lora(
     lora_alpha: float | None = None,
     lora_r: int | None = None,
     n_byzantine: int = 1,
+    weight_cap_median_multiple: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Thin adapter for the Flower strategy: list in, (tensors, JSON-able report) out.
 
@@ -528,6 +536,7 @@ def aggregate_lora(
         trim_ratio=trim_fraction,
         n_byzantine=n_byzantine,
         rank=lora_r,
+        weight_cap_median_multiple=weight_cap_median_multiple,
     )
     tensors: dict[str, Any] = result.params
     if updates and hasattr(next(iter(updates[0].values())), "detach"):

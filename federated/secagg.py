@@ -105,6 +105,9 @@ class FixedPoint:
     free, and the ChaCha20 keystream read as uint32/uint64 is exactly uniform mod 2^bits, so
     masks need no rejection sampling. bits=32 matches float32 bandwidth and gives ~2^-24
     resolution for 100 members with clip 1; bits=64 leaves head-room for large federations.
+
+    With DP noise (federated.privacy) the clip must cover the noised values too, e.g.
+    clip >= max|update coordinate| + 6 * noise std, or the clipping biases the noise.
     """
 
     clip: float

@@ -229,3 +229,15 @@ def test_aggregate_lora_adapter_takes_torch_state_dicts_and_returns_torch():
     )
     assert all(torch.is_tensor(t) and t.dtype == torch.float32 for t in tensors.values())
     assert "NaN" in report["rejected"]["4"] and report["truncation_error_max"] >= 0
+
+
+def test_weight_cap_limits_a_member_over_reporting_its_examples():
+    rng = np.random.default_rng(7)
+    g, honest, honest_mean = _honest_and_poisoned(rng)
+    poisoned = {k: g[k] + 1000 * (honest[0][k] - g[k]) for k in g}
+    updates = {**honest, "evil": poisoned}
+    weights = {**dict.fromkeys(honest, 100.0), "evil": 1e9}
+    uncapped = aggregate(g, updates, weights)
+    capped = aggregate(g, updates, weights, weight_cap_median_multiple=2.0)
+    assert _distance(uncapped.params, honest_mean, g) > 1.0
+    assert _distance(capped.params, honest_mean, g) < 0.6
