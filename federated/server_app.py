@@ -1,0 +1,304 @@
+"""The ServerApp: rounds of federated LoRA training over Flower's Grid, recorded as it goes.
+
+The run file (JSON, named by the run config key ``run-file``; see federated.config) holds the
+FederationConfig, the participants (used only by simulated ClientApps) and ``out-dir``.
+Everything the ServerApp learns it appends to ``out-dir/events.jsonl`` and the global adapter
+of each round goes to ``out-dir/rounds/NNNN/`` in PEFT format; ``federated.runtime`` tails
+the events and calls the control plane's callbacks. A file ``out-dir/stop`` ends the run
+after the current round.
+
+One round:
+  1. wait (up to ``wait_for_nodes_s``) for ``min_available`` members;
+  2. DP: refuse the round if it would exceed the privacy budget (the run ends);
+  3. train: the strategy's messages, replies collected until ``round_timeout_s``; a member
+     that is killed or slow is left out and the round is "partial"; fewer than ``min_train``
+     replies fail the round, which is retried up to ``max_round_retries`` times;
+  4. with secure aggregation, four more message exchanges (query.secagg_*) so the server
+     sees only the weighted sum of the updates;
+  5. aggregate (federated.strategy), evaluate on every member's validation data, save.
+
+Events (one JSON object a line): {"event": "start", ...}, {"event": "round", "round": r,
+"metrics": {...}, "adapter_dir": "..."}, {"event": "round_failed", "round": r, "reason":
+"...", "retry": bool}, {"event": "end", "status": "completed|stopped|failed|budget_exhausted",
+"reason": ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from federated.config import FederationConfig, read_run_file
+from federated.strategy import OwnAggregation, build_strategy
+
+
+class RoundFailed(Exception):
+    """A round could not complete; ``retry`` says whether trying again can help."""
+
+    def __init__(self, reason: str, retry: bool = True):
+        super().__init__(reason)
+        self.reason, self.retry = reason, retry
+
+
+class EventLog:
+    """Appends one JSON object per line and flushes, so a reader can tail it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **event: Any) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def initial_adapter(config: FederationConfig) -> tuple[dict, str]:
+    """(tensors, adapter_config.json text) of a fresh adapter: A random by ``seed``, B zero,
+    so every member starts from the same point and round 0 is the base model."""
+    import torch
+
+    import inference
+    from finetune import lora
+
+    torch.manual_seed(config.seed)
+    model = lora.apply_lora(
+        inference.load_model(config.model_path),
+        targets=config.targets,
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+    )
+    files = lora.adapter_files(model)
+    _, tensors = lora.read_adapter_files(files)
+    return tensors, files["adapter_config.json"].decode()
+
+
+def _nbytes(tensors: dict) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+class Federation:
+    """Drives the rounds of one run over ``grid``. See the module docstring."""
+
+    def __init__(self, grid: Grid, config: FederationConfig, out_dir: Path):
+        self.grid, self.config, self.out_dir = grid, config, out_dir
+        self.events = EventLog(out_dir / "events.jsonl")
+        self.strategy = build_strategy(config)
+        self.tensors: dict = {}
+        self.adapter_config = ""
+        self.accountant = None
+        if config.dp is not None:
+            from federated import privacy
+
+            self.accountant = privacy.PrivacyAccountant(
+                noise_multiplier=config.dp.noise_multiplier,
+                delta=config.dp.delta,
+                epsilon_budget=config.dp.epsilon_budget,
+            )
+
+    # ---- the run ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.tensors, self.adapter_config = initial_adapter(self.config)
+        self.events.write(event="start", config=self.config.to_dict())
+        self._save(0)
+        status, reason = "completed", None
+        for rnd in range(1, self.config.num_rounds + 1):
+            if (self.out_dir / "stop").exists():
+                status, reason = "stopped", "stop requested"
+                break
+            for attempt in range(self.config.max_round_retries + 1):
+                try:
+                    self._round(rnd, attempt)
+                    break
+                except RoundFailed as e:
+                    retry = e.retry and attempt < self.config.max_round_retries
+                    self.events.write(event="round_failed", round=rnd, reason=e.reason, retry=retry)
+                    if not retry:
+                        status = "budget_exhausted" if not e.retry else "failed"
+                        reason = e.reason
+                        break
+            if status != "completed":
+                break
+        self.events.write(event="end", status=status, reason=reason)
+
+    def _round(self, rnd: int, attempt: int) -> None:
+        cfg = self.config
+        start = time.perf_counter()
+        nodes = self._wait_for_nodes()
+        epsilon = None
+        if self.accountant is not None:
+            from federated import privacy
+
+            try:
+                epsilon = self.accountant.step(sample_rate=1.0)
+            except privacy.BudgetExceeded as e:
+                raise RoundFailed(f"privacy budget: {e}", retry=False) from e
+
+        arrays = ArrayRecord(self.tensors)
+        if isinstance(self.strategy, OwnAggregation):
+            self.strategy.current = self.tensors
+        messages = list(
+            self.strategy.configure_train(rnd, arrays, self._round_config(rnd), self.grid)
+        )
+        sent_to = [m.metadata.dst_node_id for m in messages]
+        replies = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
+        valid = [m for m in replies if not m.has_error()]
+        errors = {m.metadata.src_node_id: m.error.reason for m in replies if m.has_error()}
+        if len(valid) < cfg.min_train:
+            missing = len(sent_to) - len(replies)
+            raise RoundFailed(
+                f"{len(valid)} of {len(sent_to)} members replied in time (min_train "
+                f"{cfg.min_train}; {missing} timed out, errors: {errors or 'none'})"
+            )
+        bytes_down = _nbytes(self.tensors) * len(sent_to)
+        bytes_up = sum(
+            m.content.array_records["arrays"].count_bytes() for m in valid if "arrays" in m.content
+        )
+        agg_arrays, train_metrics = self.strategy.aggregate_train(rnd, valid)
+        if agg_arrays is None:
+            raise RoundFailed("aggregation produced no adapter")
+        new = agg_arrays.to_torch_state_dict()
+        # FFA-LoRA replies carry only B; A stays the global one.
+        self.tensors = {**self.tensors, **new}
+        train_seconds = time.perf_counter() - start
+
+        eval_msgs = list(
+            self.strategy.configure_evaluate(
+                rnd, ArrayRecord(self.tensors), self._round_config(rnd), self.grid
+            )
+        )
+        bytes_down += _nbytes(self.tensors) * len(eval_msgs)
+        eval_replies = [
+            m
+            for m in self.grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout_s)
+            if not m.has_error()
+        ]
+        per_member: dict[str, dict] = {}
+        for m in valid:
+            per_member.setdefault(_member(m), {}).update(_train_metrics(m))
+        for m in eval_replies:
+            m_eval = dict(m.content.metric_records["metrics"])
+            m_eval["eval_examples"] = m_eval.pop("num-examples", 0)
+            per_member.setdefault(_member(m), {}).update(m_eval)
+        metrics = {
+            "round": rnd,
+            "attempt": attempt,
+            "members_sent": len(sent_to),
+            "members_replied": len(valid),
+            "members_connected": len(nodes),
+            "partial": len(valid) < len(sent_to),
+            "errors": {str(k): v for k, v in errors.items()},
+            "train_loss": _weighted(per_member, "train_loss"),
+            "val_loss": _weighted(per_member, "val_loss", "eval_examples"),
+            "accuracy": _weighted(per_member, "accuracy", "num-scored"),
+            "bytes_up": int(bytes_up),
+            "bytes_down": int(bytes_down),
+            "adapter_bytes": _nbytes(self.tensors),
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - start,
+            "epsilon": epsilon,
+            "members": per_member,
+            "train_aggregate": dict(train_metrics or {}),
+        }
+        if isinstance(self.strategy, OwnAggregation):
+            metrics["aggregation_report"] = self.strategy.last_report
+        adapter_dir = self._save(rnd)
+        self.events.write(event="round", round=rnd, metrics=metrics, adapter_dir=str(adapter_dir))
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.config.wait_for_nodes_s
+        while True:
+            nodes = list(self.grid.get_node_ids())
+            if len(nodes) >= self.config.min_available:
+                return nodes
+            if time.monotonic() > deadline:
+                raise RoundFailed(
+                    f"{len(nodes)} members connected, min_available is {self.config.min_available}"
+                )
+            time.sleep(0.5)
+
+    def _round_config(self, rnd: int) -> ConfigRecord:
+        cfg = self.config
+        return ConfigRecord(
+            {
+                "server-round": rnd,
+                "model-path": cfg.model_path,
+                "adapter-config": self.adapter_config,
+                "aggregation": cfg.aggregation,
+                "lora-r": cfg.lora_r,
+                "lora-alpha": cfg.lora_alpha,
+                "targets": list(cfg.targets),
+                "learning-rate": cfg.learning_rate,
+                "local-steps": cfg.local_steps,
+                "batch-size": cfg.batch_size,
+                "max-seq-len": cfg.max_seq_len,
+                "seed": cfg.seed,
+                "eval-generations": cfg.eval_generations,
+                "eval-max-new-tokens": cfg.eval_max_new_tokens,
+            }
+        )
+
+    def _save(self, rnd: int) -> Path:
+        from federated.client_app import adapter_files_from
+
+        path = self.out_dir / "rounds" / f"{rnd:04d}"
+        path.mkdir(parents=True, exist_ok=True)
+        for name, blob in adapter_files_from(self.tensors, self.adapter_config).items():
+            (path / name).write_bytes(blob)
+        return path
+
+
+def _member(msg: Message) -> str:
+    content = msg.content
+    if "config" in content and "participant" in content.config_records["config"]:
+        return str(content.config_records["config"]["participant"])
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def _train_metrics(msg: Message) -> dict:
+    m = dict(msg.content.metric_records["metrics"])
+    return {
+        "train_loss": m.get("train_loss"),
+        "train_examples": m.get("num-examples"),
+        "trained_tokens": m.get("trained_tokens"),
+        "train_seconds": m.get("train_seconds"),
+    }
+
+
+def _weighted(
+    per_member: dict[str, dict], key: str, weight_key: str = "train_examples"
+) -> float | None:
+    pairs = [
+        (float(m[key]), float(m.get(weight_key) or m.get("num-examples") or 1))
+        for m in per_member.values()
+        if m.get(key) is not None and not math.isnan(float(m[key]))
+    ]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point: run the federation described by the run file."""
+    run = read_run_file(str(context.run_config["run-file"]))
+    out_dir = Path(run["out-dir"])
+    config = FederationConfig.from_dict(run["federation"])
+    federation = Federation(grid, config, out_dir)
+    try:
+        federation.run()
+    except Exception as e:
+        federation.events.write(event="end", status="failed", reason=f"{type(e).__name__}: {e}")
+        raise
+
+
+__all__ = ["Federation", "MessageType", "RecordDict", "RoundFailed", "app", "initial_adapter"]
