@@ -60,7 +60,10 @@ def _dtypes(params: Params) -> dict[str, np.dtype]:
     out = {}
     for name, value in params.items():
         if hasattr(value, "detach"):
-            out[name] = np.dtype(str(value.dtype).removeprefix("torch."))
+            try:
+                out[name] = np.dtype(str(value.dtype).removeprefix("torch."))
+            except TypeError:  # bfloat16 and friends have no numpy dtype
+                out[name] = np.dtype(np.float32)
         else:
             out[name] = np.asarray(value).dtype
     return out
@@ -542,7 +545,11 @@ def aggregate_lora(
     if updates and hasattr(next(iter(updates[0].values())), "detach"):
         import torch
 
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+        like = updates[0]
+        tensors = {
+            k: torch.from_numpy(np.ascontiguousarray(v)).to(like[k].dtype)
+            for k, v in tensors.items()
+        }
     report = {
         "accepted": [int(i) for i in result.accepted],
         "rejected": {str(k): v for k, v in result.rejected.items()},

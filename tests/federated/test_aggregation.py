@@ -241,3 +241,13 @@ def test_weight_cap_limits_a_member_over_reporting_its_examples():
     capped = aggregate(g, updates, weights, weight_cap_median_multiple=2.0)
     assert _distance(uncapped.params, honest_mean, g) > 1.0
     assert _distance(capped.params, honest_mean, g) < 0.6
+
+
+def test_aggregate_lora_keeps_bfloat16_tensors():
+    rng = np.random.default_rng(8)
+    g = {k: torch.from_numpy(v).bfloat16() for k, v in _adapter(rng).items()}
+    ups = [{k: torch.from_numpy(v).bfloat16() for k, v in _adapter(rng).items()} for _ in range(3)]
+    tensors, _ = aggregate_lora(ups, [1, 1, 1], current=g, method="fedavg")
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    expected = sum(u[k].double() for u in ups for k in [next(iter(g))]) / 3
+    assert torch.allclose(tensors[next(iter(g))].double(), expected, atol=1e-2)
