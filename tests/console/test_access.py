@@ -1,0 +1,279 @@
+"""Every console URL against every role, anonymous and outsider, and foreign ids.
+
+Django's test client, no browser: login, membership and role checks (403), tenant
+isolation (another tenant's id answers 404), CSRF, and the audit record of console writes.
+"""
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from controlplane.audit.models import AuditEvent
+from controlplane.files.models import File
+from controlplane.tenancy.models import ApiKey, Membership
+from controlplane.tuning.models import Adapter, FineTuningJob
+
+pytestmark = pytest.mark.django_db
+
+ROLES = ("admin", "member", "auditor")
+
+
+def _client(world, who: str) -> Client:
+    client = Client()
+    client.force_login(world["users"][who])
+    return client
+
+
+def _read_urls(objs) -> list[str]:
+    return [
+        reverse("console:dashboard"),
+        reverse("console:files"),
+        reverse("console:file", kwargs={"file_id": objs.file.id}),
+        reverse("console:jobs"),
+        reverse("console:job", kwargs={"job_id": objs.job.id}),
+        reverse("console:job-progress", kwargs={"job_id": objs.job.id}),
+        reverse("console:models"),
+        reverse("console:playground"),
+        reverse("console:federations"),
+        reverse("console:api-keys"),
+        reverse("console:members"),
+        reverse("console:audit"),
+        reverse("console:audit-csv"),
+    ]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_role_reads_every_page(world, role):
+    client = _client(world, role)
+    for url in _read_urls(world["home"]):
+        response = client.get(url)
+        assert response.status_code == 200, (url, response.status_code)
+
+
+def test_anonymous_is_sent_to_login_and_an_outsider_is_refused(world):
+    anonymous = Client()
+    outsider = _client(world, "outsider")
+    for url in [*_read_urls(world["home"]), reverse("console:job-create")]:
+        response = anonymous.get(url)
+        assert response.status_code == 302, url
+        assert response["Location"].startswith(reverse("console:login") + "?next="), url
+        assert outsider.get(url).status_code == 403, url
+
+
+def test_job_create_form_needs_member(world):
+    url = reverse("console:job-create")
+    assert _client(world, "auditor").get(url).status_code == 403
+    assert _client(world, "member").get(url).status_code == 200
+
+
+def _writes(objs) -> list[tuple[str, str, dict]]:
+    """(minimum role, url, form data) for every mutating console request."""
+    return [
+        ("member", reverse("console:files"), {"purpose": "fine-tune"}),
+        ("member", reverse("console:file-delete", kwargs={"file_id": objs.file.id}), {}),
+        ("member", reverse("console:job-create"), {}),
+        ("member", reverse("console:job-action", args=[objs.job.id, "cancel"]), {}),
+        ("member", reverse("console:job-action", args=[objs.job.id, "pause"]), {}),
+        ("member", reverse("console:job-action", args=[objs.job.id, "resume"]), {}),
+        ("member", reverse("console:model-delete"), {"model": objs.adapter.id}),
+        ("admin", reverse("console:api-keys"), {"role": "member", "name": "x"}),
+        ("admin", reverse("console:api-key-revoke", kwargs={"key_id": objs.key.id}), {}),
+        ("admin", reverse("console:members"), {"username": "outsider", "role": "auditor"}),
+    ]
+
+
+def _snapshot(objs) -> tuple:
+    return (
+        File.objects.filter(tenant=objs.tenant).count(),
+        FineTuningJob.objects.get(pk=objs.job.pk).status,
+        FineTuningJob.objects.get(pk=objs.job.pk).stop_request,
+        Adapter.objects.filter(tenant=objs.tenant).count(),
+        ApiKey.objects.filter(tenant=objs.tenant, revoked_at__isnull=True).count(),
+        Membership.objects.filter(tenant=objs.tenant).count(),
+    )
+
+
+@pytest.mark.parametrize("role", ("member", "auditor"))
+def test_roles_below_the_needed_one_get_403_and_change_nothing(world, role):
+    home = world["home"]
+    client = _client(world, role)
+    before = _snapshot(home)
+    refused = 0
+    for needed, url, data in _writes(home):
+        if needed == "member" and role == "member":
+            continue
+        response = client.post(url, data)
+        assert response.status_code == 403, (url, response.status_code)
+        refused += 1
+    response = client.post(
+        reverse("console:playground-stream"), "{}", content_type="application/json"
+    )
+    assert response.status_code == (403 if role == "auditor" else 400)
+    assert _snapshot(home) == before
+    # Every refusal is in the audit log, under the person's name.
+    logged = AuditEvent.objects.filter(
+        tenant=home.tenant, actor=f"user:{role}-user", status_code=403
+    )
+    assert logged.count() == refused + (role == "auditor")
+
+
+def test_auditor_pages_show_no_mutating_buttons(world):
+    client = _client(world, "auditor")
+    home = world["home"]
+    for url in _read_urls(home):
+        if url.endswith((".json", ".csv")):
+            continue
+        html = client.get(url).content.decode()
+        # The only forms that POST are the tenant switcher (absent: one tenant) and log out.
+        assert html.count('method="post"') == 1, url
+    assert 'id="chat-send"' not in client.get(reverse("console:playground")).content.decode()
+
+
+def test_member_sees_job_buttons_but_no_key_or_member_forms(world):
+    client = _client(world, "member")
+    home = world["home"]
+    job_page = client.get(reverse("console:job", kwargs={"job_id": home.job.id})).content.decode()
+    assert 'data-action="cancel"' in job_page
+    keys_page = client.get(reverse("console:api-keys")).content.decode()
+    assert "Create a key" not in keys_page and ">Revoke<" not in keys_page
+    assert "Add a member" not in client.get(reverse("console:members")).content.decode()
+
+
+def test_foreign_ids_are_not_found_for_reads_and_writes(world):
+    foreign = world["foreign"]
+    client = _client(world, "admin")  # the most powerful role at home
+    for url in _read_urls(foreign):
+        if foreign.file.id in url or foreign.job.id in url:
+            assert client.get(url).status_code == 404, url
+    before = _snapshot(foreign)
+    for _needed, url, data in _writes(foreign):
+        if (
+            foreign.file.id in url
+            or foreign.job.id in url
+            or str(foreign.key.id) in url
+            or (data.get("model") == foreign.adapter.id)
+        ):
+            assert client.post(url, data).status_code == 404, url
+    assert _snapshot(foreign) == before
+    # Nor does another tenant's file show up in the job form or the lists.
+    home_pages = "".join(
+        client.get(reverse(name)).content.decode()
+        for name in ("console:files", "console:jobs", "console:models", "console:api-keys",
+                     "console:job-create", "console:playground")
+    )  # fmt: skip
+    for secret in (foreign.file.id, foreign.job.id, foreign.adapter.id, foreign.key.prefix):
+        assert secret not in home_pages
+
+
+def test_a_foreign_tenant_cannot_be_switched_to(world, django_user_model):
+    client = _client(world, "admin")
+    foreign = world["foreign"].tenant
+    response = client.post(reverse("console:switch"), {"tenant": foreign.id})
+    assert response.status_code == 403
+    # A forged session value falls back to the user's own tenant.
+    session = client.session
+    session["console_tenant_id"] = foreign.id
+    session.save()
+    assert "Acme Bank" in client.get(reverse("console:dashboard")).content.decode()
+
+
+def test_switcher_moves_between_the_users_tenants(world):
+    from controlplane.tenancy.services import membership_set
+
+    user = world["users"]["auditor"]
+    foreign = world["foreign"]
+    membership_set(tenant=foreign.tenant, user=user, role="admin")
+    client = _client(world, "auditor")
+    page = client.get(reverse("console:dashboard")).content.decode()
+    assert 'id="tenant-switch"' in page and "Globex Clinic (admin)" in page
+    assert client.post(reverse("console:switch"), {"tenant": foreign.tenant.id}).status_code == 302
+    # Now an admin in globex: its key is listed, acme's is not, and it may revoke.
+    keys_page = client.get(reverse("console:api-keys")).content.decode()
+    assert foreign.key.prefix in keys_page and world["home"].key.prefix not in keys_page
+    revoke = reverse("console:api-key-revoke", kwargs={"key_id": foreign.key.id})
+    assert client.post(revoke).status_code == 302
+    assert ApiKey.objects.get(pk=foreign.key.pk).revoked_at is not None
+
+
+def test_posts_need_a_csrf_token(world):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(world["users"]["admin"])
+    response = client.post(reverse("console:api-keys"), {"role": "member"})
+    assert response.status_code == 403
+    assert not ApiKey.objects.filter(tenant=world["home"].tenant, name="").exists()
+
+
+def test_admin_creates_a_key_shown_once_and_revokes_it(world):
+    home = world["home"]
+    client = _client(world, "admin")
+    response = client.post(reverse("console:api-keys"), {"name": "etl", "role": "auditor"})
+    assert response.status_code == 201 and response["Cache-Control"] == "no-store"
+    key = ApiKey.objects.get(tenant=home.tenant, name="etl")
+    raw = response.context["created"]["raw"]
+    assert raw.startswith(key.prefix + "_") and raw in response.content.decode()
+    assert raw not in client.get(reverse("console:api-keys")).content.decode()
+    response = client.post(reverse("console:api-key-revoke", kwargs={"key_id": key.id}))
+    assert response.status_code == 302
+    key.refresh_from_db()
+    assert key.revoked_at is not None
+    event = AuditEvent.objects.filter(object_type="api_key", object_id=key.prefix).first()
+    assert event.actor == "user:admin-user" and event.status_code == 302
+
+
+def test_admin_sets_roles(world):
+    client = _client(world, "admin")
+    response = client.post(reverse("console:members"), {"username": "outsider", "role": "auditor"})
+    assert response.status_code == 302
+    assert Membership.objects.get(user=world["users"]["outsider"]).role == "auditor"
+    response = client.post(reverse("console:members"), {"username": "nobody", "role": "member"})
+    assert response.status_code == 400 and "No user named" in response.content.decode()
+
+
+def test_upload_shows_validation_errors_with_line_numbers(world):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    client = _client(world, "member")
+    bad = b'{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n'
+    upload = SimpleUploadedFile("bad.jsonl", bad, content_type="application/jsonl")
+    response = client.post(reverse("console:files"), {"file": upload, "purpose": "fine-tune"})
+    assert response.status_code == 302
+    page = client.get(response["Location"]).content.decode()
+    assert "error" in page and '<td class="num">2</td>' in page
+    assert File.objects.get(filename="bad.jsonl").status == "error"
+
+
+def test_audit_filter_and_csv(world):
+    from controlplane.audit.services import audit_event_record
+
+    home = world["home"]
+    audit_event_record(tenant=home.tenant, actor="key:enc_a", action="POST /v1/files")
+    audit_event_record(tenant=home.tenant, actor="user:admin-user", action="POST /console/keys/")
+    audit_event_record(tenant=world["foreign"].tenant, actor="key:enc_z", action="POST /v1/x")
+    client = _client(world, "auditor")
+    response = client.get(reverse("console:audit"), {"actor": "key:"})
+    assert [e.action for e in response.context["events"]] == ["POST /v1/files"]
+    assert "<code>POST /v1/files</code>" in response.content.decode()
+    response = client.get(reverse("console:audit-csv"), {"action": "console"})
+    body = b"".join(response.streaming_content).decode()
+    lines = body.strip().splitlines()
+    assert lines[0].startswith("created_at,actor,action")
+    assert len(lines) == 2 and "user:admin-user" in lines[1]
+    assert "attachment" in response["Content-Disposition"]
+
+
+def test_progress_json_returns_metric_points_after_a_cursor(world):
+    from controlplane.tuning.models import FineTuningEvent
+
+    job = world["home"].job
+    for step in (1, 2, 3):
+        FineTuningEvent.objects.create(
+            job=job, type="metrics", message=f"step {step}",
+            data={"step": step, "loss": 3.0 / step, "token_accuracy": 0.1 * step},
+        )  # fmt: skip
+    client = _client(world, "auditor")
+    url = reverse("console:job-progress", kwargs={"job_id": job.id})
+    data = client.get(url).json()
+    assert [p["step"] for p in data["points"]] == [1, 2, 3]
+    assert data["points"][2]["loss"] == pytest.approx(1.0)
+    after = data["points"][1]["id"]
+    assert [p["step"] for p in client.get(url, {"after": after}).json()["points"]] == [3]
