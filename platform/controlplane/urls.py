@@ -13,6 +13,7 @@ urlpatterns = [
     path("v1/", include("controlplane.files.urls")),
     path("v1/", include("controlplane.tuning.urls")),
     path("v1/", include("controlplane.serving.urls")),
+    path("v1/", include("controlplane.federation.urls")),
 ]
 
 handler404 = "controlplane.api_errors.envelope_404"

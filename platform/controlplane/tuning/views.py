@@ -241,6 +241,12 @@ def models_visible(tenant) -> list[dict]:
         _model_json(a.id, _ts(a.created_at), tenant.slug)
         for a in selectors.adapters_list(tenant=tenant)
     ]
+    from controlplane.federation.selectors import global_adapters_for
+
+    models += [
+        _model_json(a.id, _ts(a.created_at), a.federation.owner.slug)
+        for a in global_adapters_for(tenant=tenant).select_related("federation__owner")
+    ]
     return models
 
 
@@ -263,10 +269,10 @@ class ModelDetailView(APIView):
 
     @extend_schema(responses=OpenApiTypes.OBJECT)
     def delete(self, request, model_id: str):
-        if selectors.base_model_get(name=model_id) is not None:
+        if selectors.base_model_get(name=model_id) is not None or model_id.startswith("fed:"):
             return Response(
                 error_body(
-                    "Base models cannot be deleted through the API.",
+                    "Base models and federations' global models cannot be deleted here.",
                     "permission_error",
                     code="insufficient_permissions",
                 ),
