@@ -10,6 +10,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("console/", include("controlplane.console.urls")),
     path("v1/", include("controlplane.files.urls")),
     path("v1/", include("controlplane.tuning.urls")),
     path("v1/", include("controlplane.serving.urls")),
