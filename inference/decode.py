@@ -206,7 +206,7 @@ class LatentRunner:
             # Latent-space decode: W_UK into the query, W_UV onto the output.
             qn = q_nope[:nd]
             q_lat = torch.bmm(qn.transpose(0, 1), self.w_uk[i]).transpose(0, 1)  # [B, H, R]
-            rows = torch.arange(nd, device=x.device)
+            rows = torch.arange(nd, device=x.device) if lora is not None else None
             if lora is not None:
                 q_lat = q_lat.contiguous()
                 lora.absorbed_query(names["kv_b_proj"], qn, q_lat, rows, dn)

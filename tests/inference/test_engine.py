@@ -294,3 +294,11 @@ def test_cli_streams_a_completion(model_dir, capsys):
 
     assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--max-tokens", "-1"]) == 2
     assert "max_tokens" in capsys.readouterr().err
+
+
+def test_fp8_weights_decode_like_the_fp8_full_forward(model_dir):
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with Engine(model_dir, fp8=True, kv_cache_bytes=1 << 20) as eng:
+        assert eng.model.config.quantization_config is not None
+        out = eng.generate([Request(prompt_token_ids=[3, 9, 27, 81], sampling=sp)])[0]
+        assert out.token_ids == greedy_reference(eng.model, [3, 9, 27, 81], 4)
