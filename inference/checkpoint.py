@@ -20,7 +20,6 @@ import json
 import re
 import struct
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from inference.config import FP8_QUANTIZATION_CONFIG, ModelConfig
 from inference.model import Transformer
 
 INDEX_NAME = "model.safetensors.index.json"
+REMAP_BYTES = 256 * 2**20  # unmap a file after this many bytes were read through the mapping
 SINGLE_NAME = "model.safetensors"
 _SCALE_SUFFIX = ".weight_scale_inv"
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -122,15 +122,15 @@ class CheckpointReader:
                 self.file_of[name] = single
         else:
             raise CheckpointError(f"{self.directory}: no {SINGLE_NAME} or {INDEX_NAME}")
-        self._stack = ExitStack()
         self._handles: dict[Path, object] = {}
+        self._mapped_bytes: dict[Path, int] = {}
 
     def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._handles.clear()
-        self._stack.close()
+        for path in list(self._handles):
+            self._close(path)
 
     def names(self) -> list[str]:
         return list(self.file_of)
@@ -139,22 +139,31 @@ class CheckpointReader:
         return list(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` (a fresh CPU tensor read from the mapped file)."""
+        """The tensor ``name`` (a fresh CPU tensor copied out of the mapped file)."""
+        path = self.file_of[name]
         try:
-            return self._handle(name).get_tensor(name)
+            tensor = self._handle(name).get_tensor(name)
         except SafetensorError as e:
-            raise CheckpointError(f"{self.file_of[name]}: tensor {name}: {e}") from e
+            raise CheckpointError(f"{path}: tensor {name}: {e}") from e
+        # Pages of the mapping we have read count as this process's resident memory until
+        # the file is unmapped; remap every so often so a load never holds the model twice.
+        self._mapped_bytes[path] += tensor.numel() * tensor.element_size()
+        if self._mapped_bytes[path] > REMAP_BYTES:
+            self._close(path)
+        return tensor
 
     def _handle(self, name: str):
         path = self.file_of[name]
         if path not in self._handles:
             try:
-                self._handles[path] = self._stack.enter_context(
-                    safe_open(str(path), framework="pt")
-                )
+                self._handles[path] = safe_open(str(path), framework="pt").__enter__()
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: {e}") from e
+            self._mapped_bytes[path] = 0
         return self._handles[path]
+
+    def _close(self, path: Path) -> None:
+        self._handles.pop(path).__exit__(None, None, None)
 
 
 def _source_plan(
@@ -288,8 +297,8 @@ def load_model(
                     q = tensor
                 else:
                     q, scale = fp8_mod.quantize_weight(tensor)
-                _set_tensor(model, name, q.to(device))
-                _set_tensor(model, scale_name, scale.to(device))
+                _set_tensor(model, name, q.to(device, copy=True))
+                _set_tensor(model, scale_name, scale.to(device, copy=True))
                 continue
             if is_fp8_stored:
                 tensor = fp8_mod.dequantize_weight(
@@ -301,7 +310,10 @@ def load_model(
                 want = torch.bfloat16
             else:
                 want = dtype
-            _set_tensor(model, name, tensor.to(device=device, dtype=want))
+            # copy=True: safetensors hands out views of the file mapping. Weights that stay
+            # file-backed can be evicted under memory pressure and re-read mid-forward;
+            # an owned copy is resident and the mapping can go.
+            _set_tensor(model, name, tensor.to(device=device, dtype=want, copy=True))
             del tensor
     model.config = config.replace(
         quantization_config=dict(FP8_QUANTIZATION_CONFIG) if targets else None

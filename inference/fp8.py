@@ -35,9 +35,12 @@ BLOCK = 128  # weight block edge and activation group width
 # ---- quantisation -----------------------------------------------------------------------
 
 
-def _pad_to_blocks(w: torch.Tensor) -> torch.Tensor:
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> [nb, 128, kb, 128] block view (zero-padded copy only for ragged edges)."""
     n, k = w.shape
-    return F.pad(w, (0, -k % BLOCK, 0, -n % BLOCK))
+    if n % BLOCK or k % BLOCK:
+        w = F.pad(w, (0, -k % BLOCK, 0, -n % BLOCK))
+    return w.view(w.shape[0] // BLOCK, BLOCK, w.shape[1] // BLOCK, BLOCK)
 
 
 def _expand_scales(scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -55,13 +58,16 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if w.dim() != 2:
         raise ValueError(f"quantize_weight wants a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
-    w32 = w.float()
-    if not torch.isfinite(w32).all():
-        raise ValueError("quantize_weight: weight holds inf or nan")
-    blocks = _pad_to_blocks(w32).view(math.ceil(n / BLOCK), BLOCK, math.ceil(k / BLOCK), BLOCK)
+    blocks = _blocks(w.float())
     amax = blocks.abs().amax(dim=(1, 3))
+    if not torch.isfinite(amax).all():
+        raise ValueError("quantize_weight: weight holds inf or nan")
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (w32 / _expand_scales(scale, n, k)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    # Block views and broadcasting: no full-size scale tensor is ever materialised.
+    q = (blocks / scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.view(blocks.shape[0] * BLOCK, blocks.shape[2] * BLOCK)
+    if q.shape != (n, k):
+        q = q[:n, :k].contiguous()
     return q, scale
 
 
