@@ -613,3 +613,36 @@ def _grpo_resume_view(config: GRPOConfig) -> dict:
     view = {k: d[k] for k in _GRPO_RESUME_KEYS}
     view["targets"] = list(view["targets"])
     return view
+
+
+def cli(args) -> int:
+    """``python -m finetune grpo``: GRPO on a domain suite, write the adapter directory.
+
+    ``args`` (an argparse Namespace): model (checkpoint dir), suite (a name in
+    ``finetune.domains.SUITES``), n (tasks), task_seed, out (adapter directory), optional
+    metrics (JSONL file, appended per step), optional initial_adapter (a PEFT directory to
+    start from, e.g. the SFT result) and set (FIELD=VALUE overrides of GRPOConfig). Prints a
+    JSON summary and returns 0.
+    """
+    from pathlib import Path
+
+    from finetune.callbacks import JsonlMetricsLog
+    from finetune.domains import SUITES
+    from finetune.lora import CONFIG_NAME, WEIGHTS_NAME
+    from finetune.sft import parse_overrides
+
+    config = GRPOConfig(model_path=args.model, **parse_overrides(args.set or [], GRPOConfig))
+    tasks = SUITES[args.suite].generate(args.n, args.task_seed)
+    initial = None
+    if getattr(args, "initial_adapter", None):
+        source = Path(args.initial_adapter)
+        initial = {name: (source / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    callbacks = JsonlMetricsLog(args.metrics) if args.metrics else None
+    result = train_grpo(config, tasks=tasks, callbacks=callbacks, initial_adapter=initial)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, blob in result.adapter_files.items():
+        (out / name).write_bytes(blob)
+    summary = {"status": result.status, "steps": result.steps, "metrics": result.metrics}
+    print(json.dumps({**summary, "adapter": str(out)}, sort_keys=True))
+    return 0

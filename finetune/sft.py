@@ -30,6 +30,7 @@ import io
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -538,3 +539,67 @@ def _check_adapter_matches(peft_model, config: SFTConfig) -> None:
             f"initial_adapter has r={peft_config.r}, alpha={peft_config.lora_alpha}; the config "
             f"asks for r={config.lora_r}, alpha={config.lora_alpha}"
         )
+
+
+# ---- command line -----------------------------------------------------------------------
+
+
+def parse_overrides(pairs: Sequence[str], config_cls: type) -> dict:
+    """``["lora_r=16", "targets=mla,mlp"]`` -> {"lora_r": 16, "targets": ("mla", "mlp")}.
+
+    Values are read as JSON when they parse (numbers, true, null), else as strings; tuple
+    fields take comma-separated lists. ValueError for an unknown field or a missing "=".
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in fields or key == "model_path":
+            raise ValueError(
+                f"--set wants FIELD=VALUE with a field of {config_cls.__name__}: {pair!r}"
+            )
+        if str(fields[key].type).startswith("tuple"):
+            out[key] = tuple(v for v in raw.split(",") if v)
+            continue
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def cli(args) -> int:
+    """``python -m finetune sft``: train on a JSONL file, write the adapter directory.
+
+    ``args`` (an argparse Namespace): model (checkpoint dir), train and optional val (JSONL
+    files, any format ``finetune.data`` accepts), out (directory for adapter_config.json and
+    adapter_model.safetensors), optional metrics (JSONL file, appended per step) and set
+    (FIELD=VALUE overrides of SFTConfig). Prints a JSON summary; returns 0, or 1 when the
+    data is invalid (the errors name their lines).
+    """
+    from pathlib import Path
+
+    from finetune.callbacks import JsonlMetricsLog
+
+    config = SFTConfig(model_path=args.model, **parse_overrides(args.set or [], SFTConfig))
+    try:
+        train = [{"messages": e.messages} for e in data.iter_examples(args.train)]
+        val = [{"messages": e.messages} for e in data.iter_examples(args.val)] if args.val else None
+    except data.DataError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    callbacks = JsonlMetricsLog(args.metrics) if args.metrics else None
+    result = train_sft(config, train_examples=train, val_examples=val, callbacks=callbacks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, blob in result.adapter_files.items():
+        (out / name).write_bytes(blob)
+    summary = {
+        "status": result.status,
+        "steps": result.steps,
+        "trained_tokens": result.trained_tokens,
+        "metrics": result.metrics,
+        "adapter": str(out),
+    }
+    print(json.dumps(summary, sort_keys=True))
+    return 0
