@@ -323,7 +323,7 @@ def train_grpo(
 
     Raises ValueError for a bad config, no tasks, or a state/adapter that does not fit.
     """
-    from finetune import data, lora, run
+    from finetune import lora, run
     from finetune.domains import TaskItem
     from finetune.domains import reward as domain_reward
     from finetune.tokenizer import EOS, PAD_ID, load_tokenizer
@@ -339,7 +339,12 @@ def train_grpo(
 
     tokenizer = load_tokenizer(config.model_path)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    prompts = [data.encode_prompt(tokenizer, it.prompt)[-config.max_prompt_len :] for it in items]
+    # Prompts go through serving's chat template function, so the policy is trained on the
+    # exact prompts it will be served.
+    prompts = [
+        run.prompt_ids(config.model_path, tokenizer, it.prompt)[-config.max_prompt_len :]
+        for it in items
+    ]
 
     device = run.pick_device()
     torch.manual_seed(config.seed)

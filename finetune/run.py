@@ -104,3 +104,42 @@ def load_state(raw: bytes, kind: str, config_view: dict) -> dict:
                 f"resume_state was written with {key}={saved.get(key)!r}, not {value!r}"
             )
     return state
+
+
+# ---- the chat template: serving's renderer is the reference ----------------------------
+
+
+def chat_text(model_path: str, messages, *, add_generation_prompt: bool) -> str:
+    """``messages`` rendered exactly as serving renders them: ``inference.chat``'s
+    ``apply_chat_template`` with the template and special tokens stored in ``model_path``."""
+    from inference.chat import apply_chat_template, load_chat_template, special_tokens
+
+    return apply_chat_template(
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        template=load_chat_template(model_path),
+        **special_tokens(model_path),
+    )
+
+
+def prompt_ids(model_path: str, tokenizer, messages) -> list[int]:
+    """Token ids of the generation prompt for ``messages``, as serving would feed them."""
+    text = chat_text(model_path, messages, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def check_chat_encoding(model_path: str, tokenizer, messages) -> None:
+    """Raise ValueError when ``finetune.data.encode_chat`` (which builds the loss mask piece
+    by piece) disagrees with serving's rendering of the same conversation: the model would be
+    trained on token sequences it is never served (e.g. a custom template in the model dir)."""
+    from finetune import data
+
+    ids, _ = data.encode_chat(tokenizer, messages)
+    served = tokenizer.encode(
+        chat_text(model_path, messages, add_generation_prompt=False), add_special_tokens=False
+    )
+    if list(served) != ids:
+        raise ValueError(
+            f"{model_path}: the stored chat template renders conversations differently from "
+            "finetune.data.encode_chat; training would not match serving"
+        )

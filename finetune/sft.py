@@ -190,6 +190,7 @@ def train_sft(
         train_msgs, val_msgs = _split(train_msgs, config.val_fraction, config.seed)
 
     tokenizer = _load_tokenizer(config.model_path)
+    run.check_chat_encoding(config.model_path, tokenizer, train_msgs[0])
     train_rows = _rows(tokenizer, train_msgs, config, shuffle_seed=config.seed)
     val_rows = _rows(tokenizer, val_msgs, config, shuffle_seed=None) if val_msgs else []
     if not any(label != data.IGNORE_INDEX for row in train_rows for label in row.labels):

@@ -293,3 +293,28 @@ def test_cli_trains_from_a_file_and_writes_a_peft_adapter_directory(model_dir, t
     assert sft.cli(Namespace(**{**vars(args), "train": str(bad)})) == 1
     with pytest.raises(ValueError, match="--set wants FIELD=VALUE"):
         sft.cli(Namespace(**{**vars(args), "set": ["nonsense=1"]}))
+
+
+def test_training_refuses_a_model_whose_chat_template_serving_renders_differently(
+    model_dir, tmp_path
+):
+    from finetune import run
+    from finetune.data import encode_prompt
+    from finetune.tokenizer import load_tokenizer
+
+    # The stock template: serving's renderer and finetune.data agree, prompts included.
+    tokenizer = load_tokenizer(model_dir)
+    messages = _examples(1)[0]["messages"]
+    run.check_chat_encoding(model_dir, tokenizer, messages)
+    assert run.prompt_ids(model_dir, tokenizer, messages[:2]) == encode_prompt(
+        tokenizer, messages[:2]
+    )
+
+    other = tmp_path / "model"
+    shutil.copytree(model_dir, other)
+    config_path = other / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["chat_template"] = tok_config["chat_template"].replace("'<|end|>'", "'<|end|>\\n'")
+    config_path.write_text(json.dumps(tok_config))
+    with pytest.raises(ValueError, match="renders conversations differently"):
+        train_sft(_config(str(other), max_steps=1), train_examples=_examples(2))
