@@ -282,3 +282,22 @@ def test_bad_targets_and_adapter_files_are_refused(checkpoints):
         lora.apply_lora(model, ("attention",))
     with pytest.raises(lora.LoraError, match="missing"):
         lora.load_adapter(model, {"adapter_config.json": b"{}"})
+
+
+def test_the_serving_engine_reads_our_adapter_files(checkpoints, tmp_path):
+    from inference.lora import load_adapter as serving_load_adapter
+
+    model = inference.load_model(checkpoints[1])
+    peft_model = lora.apply_lora(model, ("mla", "mlp", "router"), r=4, alpha=8)
+    _perturb_lora(peft_model)
+    for name, data in lora.adapter_files(peft_model).items():
+        (tmp_path / name).write_bytes(data)
+    served = serving_load_adapter(
+        tmp_path, inference.load_model(checkpoints[1]), torch.float32, "cpu"
+    )
+    assert sorted(served.weights) == lora.adapted_module_names(peft_model)
+    base = peft_model.get_base_model()
+    for name, (a, b, scale) in served.weights.items():
+        assert scale == 2.0  # alpha / r
+        delta = base.get_submodule(name).get_delta_weight("default")
+        assert torch.allclose(scale * b @ a, delta.reshape(b.shape[0], a.shape[1]), atol=1e-6), name
