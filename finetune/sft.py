@@ -80,7 +80,10 @@ class SFTConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
     max_seq_len: int = 512  # row length in tokens; longer examples are truncated
-    packing: bool = False  # pack several examples per row (else one example per row)
+    # Pack several examples per row (else one per row). The engine's forward takes no
+    # position ids or segment mask yet, so packed examples attend to the ones before them in
+    # the row (the loss is still only on each example's own assistant tokens).
+    packing: bool = False
     seed: int = 0  # LoRA init, validation split, example and batch order, dropout
     val_fraction: float = 0.0  # share of train_examples held out when val_examples is None
     early_stopping_patience: int | None = None  # evaluations without a better val_loss
@@ -185,7 +188,7 @@ def train_sft(
     state = _load_state(resume_state, config) if resume_state is not None else None
 
     train_msgs = _normalise(train_examples, "train_examples")
-    val_msgs = _normalise(val_examples, "val_examples") if val_examples is not None else []
+    val_msgs = _normalise(val_examples, "val_examples") if val_examples else []
     if val_examples is None and config.val_fraction > 0:
         train_msgs, val_msgs = _split(train_msgs, config.val_fraction, config.seed)
 

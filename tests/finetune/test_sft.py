@@ -318,3 +318,15 @@ def test_training_refuses_a_model_whose_chat_template_serving_renders_differentl
     config_path.write_text(json.dumps(tok_config))
     with pytest.raises(ValueError, match="renders conversations differently"):
         train_sft(_config(str(other), max_steps=1), train_examples=_examples(2))
+
+
+def test_the_validation_split_is_fixed_by_the_seed(model_dir):
+    def val_loss(seed: int) -> float:
+        rec = Recorder()
+        # A rate of ~0 keeps the model at its base: val_loss then depends only on the split.
+        config = _config(model_dir, max_steps=1, val_fraction=0.25, seed=seed, learning_rate=1e-12)
+        train_sft(config, train_examples=_examples(8), callbacks=rec)
+        return rec.metrics[-1]["val_loss"]
+
+    assert val_loss(0) == val_loss(0)
+    assert abs(val_loss(0) - val_loss(1)) > 1e-3  # another seed holds out other examples
