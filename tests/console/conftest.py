@@ -62,3 +62,28 @@ def world(db, django_user_model):
     users["foreign-admin"] = django_user_model.objects.create_user(username="foreign-admin")
     membership_set(tenant=foreign, user=users["foreign-admin"], role="admin")
     return {"home": make_objects(home), "foreign": make_objects(foreign), "users": users}
+
+
+@pytest.fixture(scope="session")
+def console_url(process_env, tmp_path_factory):
+    """A uvicorn process for the browser tests, started after `collectstatic` so its
+    static files (the console's scripts and the vendored chart library) are served
+    exactly as in a deployment (WhiteNoise from STATIC_ROOT)."""
+    from django.core.management import call_command
+
+    from controlplane import launch
+
+    call_command("collectstatic", "--noinput", verbosity=0)
+    port = launch.free_port()
+    web = launch.ManagedProcess(
+        "console-web",
+        launch.web_command(port=port),
+        log_path=tmp_path_factory.mktemp("console-web") / "web.log",
+        env=dict(process_env),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        launch.wait_until_ready(url, timeout=60, process=web)
+        yield url
+    finally:
+        web.stop()

@@ -34,6 +34,9 @@ class JobCreateForm(forms.Form):
     max_steps = forms.IntegerField(
         label="Max steps", min_value=1, required=False, help_text="Empty: run every epoch."
     )
+    max_seq_len = forms.IntegerField(
+        label="Max sequence length", min_value=16, max_value=32768, initial=512
+    )
     checkpoint_every = forms.IntegerField(
         label="Checkpoint every (steps)", min_value=0, initial=10, help_text="0: no checkpoints."
     )
@@ -42,7 +45,7 @@ class JobCreateForm(forms.Form):
 
     HYPERPARAMETERS = (
         "n_epochs", "batch_size", "learning_rate_multiplier", "lora_r", "lora_alpha",
-        "max_steps", "checkpoint_every",
+        "max_steps", "max_seq_len", "checkpoint_every",
     )  # fmt: skip
 
     def __init__(self, *args, files_qs=(), **kwargs):

@@ -1,0 +1,292 @@
+"""The console in a real headless Chromium (Debian's), against a real uvicorn process.
+
+Playwright drives /usr/bin/chromium with background networking off; nothing is
+downloaded. A real Celery worker trains the job whose curve the browser watches grow.
+Screenshots for the README are written to docs/console/.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.test import Client
+
+from controlplane.audit.models import AuditEvent
+from controlplane.tenancy.models import ApiKey
+from controlplane.tuning.models import FineTuningJob
+
+from .conftest import JSONL
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = Path(settings.REPO_DIR) / "docs" / "console"
+LAPTOP = {"width": 1280, "height": 860}
+TABLET = {"width": 820, "height": 1180}
+
+
+@pytest.fixture(scope="module")
+def browser(console_url):
+    """Playwright's sync API keeps an event loop running in this thread, so Django's
+    async-safety check would refuse the tests' own ORM calls: allow them for this module
+    only, after the server's environment was taken (the server keeps the check)."""
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            )
+            yield browser
+            browser.close()
+    finally:
+        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+@pytest.fixture
+def people(django_user_model):
+    from controlplane.tenancy.services import membership_set, tenant_create
+
+    home = tenant_create(slug="stmarys", name="St Mary's Hospital", vertical="medical")
+    foreign = tenant_create(slug="northbank", name="North Bank", vertical="finance")
+    users = {}
+    for role in ("admin", "member", "auditor"):
+        users[role] = django_user_model.objects.create_user(username=f"{role}-user")
+        membership_set(tenant=home, user=users[role], role=role)
+    membership_set(tenant=foreign, user=users["admin"], role="member")
+    return {"home": home, "foreign": foreign, "users": users}
+
+
+def _page(browser, url: str, user=None, viewport=LAPTOP, tenant=None):
+    """A fresh browser context, logged in as `user` by a session cookie (no password),
+    working in `tenant` when given."""
+    context = browser.new_context(viewport=viewport, base_url=url, accept_downloads=True)
+    context.set_default_timeout(20_000)
+    if user is not None:
+        client = Client()
+        client.force_login(user)
+        if tenant is not None:
+            session = client.session
+            session["console_tenant_id"] = tenant.id
+            session.save()
+        sid = client.cookies[settings.SESSION_COOKIE_NAME].value
+        context.add_cookies([{"name": settings.SESSION_COOKIE_NAME, "value": sid, "url": url}])
+    return context.new_page()
+
+
+def _file(tenant, data: bytes = JSONL, name: str = "train.jsonl"):
+    from controlplane.files.services import file_create
+
+    return file_create(
+        tenant=tenant, filename=name, purpose="fine-tune", chunks=[data], size=len(data)
+    )
+
+
+def test_login_then_upload_shows_progress_and_line_numbered_errors(
+    browser, console_url, people, django_user_model
+):
+    user = people["users"]["member"]
+    user.set_password("correct horse battery staple")
+    user.save()
+    page = _page(browser, console_url)
+    page.goto("/console/files/")
+    assert "/console/login/" in page.url  # not logged in: sent to the login page
+    page.get_by_label("Username").fill("member-user")
+    page.get_by_label("Password").fill("wrong")
+    page.get_by_role("button", name="Log in").click()
+    assert "/console/login/" in page.url and page.get_by_role("alert").count() == 1
+    page.get_by_label("Password").fill("correct horse battery staple")
+    page.get_by_label("Password").press("Enter")  # the keyboard alone submits
+    page.wait_for_url("**/console/files/")
+
+    bad = b'{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [}\n' + JSONL
+    page.get_by_label("File (JSONL)").set_input_files(
+        {"name": "notes.jsonl", "mimeType": "application/jsonl", "buffer": bad}
+    )
+    page.get_by_label("Purpose").select_option("fine-tune")
+    page.get_by_role("button", name="Upload").click()
+    page.wait_for_url("**/console/files/file-*/")
+    assert page.get_by_test_id("file-status").inner_text() == "error"
+    rows = page.locator("table.validation tbody tr")
+    lines = [rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())]
+    assert set(lines) == {"1", "2"}, lines  # both bad lines, by number; the rest are fine
+    assert "invalid JSON" in rows.nth(lines.index("2")).inner_text()
+    page.screenshot(path=str(SCREENSHOTS / "file-validation.png"), full_page=True)
+    # The upload went through the progress bar's XHR, and is in the audit log by name.
+    event = AuditEvent.objects.get(object_type="file")
+    assert event.actor == "user:member-user" and event.status_code == 302
+    page.context.close()
+
+
+def test_job_curve_gains_points_while_it_runs_then_cancel(
+    browser, console_url, people, base_model, celery_worker
+):
+    home = people["home"]
+    training = _file(home)
+    page = _page(browser, console_url, people["users"]["member"])
+    page.goto("/console/jobs/new/")
+    page.get_by_label("Base model").select_option(base_model)
+    page.get_by_label("Training file").select_option(training.id)
+    page.get_by_label("Epochs").fill("100")
+    page.get_by_label("Batch size").fill("2")
+    page.get_by_label("Learning-rate multiplier").fill("25")  # a curve that visibly falls
+    page.get_by_label("Max steps").fill("400")
+    page.get_by_label("Max sequence length").fill("96")
+    page.get_by_label("Checkpoint every (steps)").fill("0")
+    page.get_by_label("Model name suffix").fill("triage")
+    page.get_by_role("button", name="Create job").click()
+    page.wait_for_url("**/console/jobs/ftjob-*/")
+    job = FineTuningJob.objects.get(tenant=home)
+
+    # The chart grows while the job runs, without reloading the page.
+    points = page.get_by_test_id("chart-points")
+    page.wait_for_function(
+        "document.querySelector('[data-testid=chart-points]').dataset.count >= 3",
+        timeout=120_000,
+    )
+    first = int(points.get_attribute("data-count"))
+    page.wait_for_function(
+        f"document.querySelector('[data-testid=chart-points]').dataset.count > {first}",
+        timeout=60_000,
+    )
+    assert page.get_by_test_id("job-status").inner_text() == "running"
+    assert page.locator("#chart-loss canvas").count() == 1
+    assert page.locator("#events li").count() >= 2
+    page.screenshot(path=str(SCREENSHOTS / "job-progress.png"), full_page=True)
+
+    page.get_by_role("button", name="Cancel job").click()
+    page.wait_for_url(f"**/console/jobs/{job.id}/")
+    page.wait_for_function(
+        "document.getElementById('job-status').textContent === 'cancelled'", timeout=60_000
+    )
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+    assert page.get_by_role("button", name="Cancel job").is_disabled()
+    page.context.close()
+
+
+def test_playground_streams_an_answer_and_shows_token_usage(
+    browser, console_url, people, base_model
+):
+    page = _page(browser, console_url, people["users"]["member"])
+    page.goto(f"/console/playground/?model={base_model}")
+    assert page.get_by_label("Model").input_value() == base_model
+    # Count how many times the answer grows: a streamed answer arrives in pieces.
+    page.evaluate(
+        """() => {
+          window.answerUpdates = 0;
+          new MutationObserver((records) => { window.answerUpdates += records.length; }).observe(
+            document.getElementById('transcript'),
+            {subtree: true, childList: true, characterData: true});
+        }"""
+    )
+    page.get_by_label("Max tokens").fill("24")
+    page.get_by_label("Temperature").fill("1")
+    page.get_by_label("Message").fill("Summarise the discharge note.")
+    with page.expect_response("**/console/playground/stream") as streamed:
+        page.get_by_role("button", name="Send").click()
+    assert streamed.value.headers["content-type"] == "text/event-stream"
+    usage = page.get_by_test_id("chat-usage")
+    page.wait_for_function(
+        "document.querySelector('[data-testid=chat-usage]').textContent.startsWith('Tokens:')",
+        timeout=90_000,
+    )
+    assert "completion" in usage.inner_text()
+    assert page.get_by_role("button", name="Stop").is_hidden()
+    total = int(usage.get_attribute("data-total"))
+    assert total > 0
+    assert page.locator("#transcript li.user").inner_text() == "Summarise the discharge note."
+    # Two bubbles, then the answer re-rendered once per streamed delta (at least two).
+    assert page.evaluate("window.answerUpdates") >= 4
+    page.screenshot(path=str(SCREENSHOTS / "playground.png"), full_page=True)
+    from controlplane.tenancy.models import DailyUsage
+
+    row = DailyUsage.objects.get(tenant=people["home"])
+    assert row.prompt_tokens + row.completion_tokens == total
+    page.context.close()
+
+
+def test_api_key_shown_once_revoked_and_audit_exported(browser, console_url, people, tmp_path):
+    page = _page(browser, console_url, people["users"]["admin"], tenant=people["home"])
+    page.goto("/console/keys/")
+    page.get_by_label("Name").fill("lab-integration")
+    page.get_by_label("Role").select_option("member")
+    page.get_by_role("button", name="Create key").click()
+    raw = page.get_by_test_id("raw-key").input_value()
+    key = ApiKey.objects.get(name="lab-integration")
+    assert raw.startswith(key.prefix + "_")
+    page.goto("/console/keys/")
+    assert raw not in page.content()  # shown once
+    page.get_by_role("button", name=f"Revoke {key.prefix}").click()
+    row = page.locator(f"tr[data-prefix='{key.prefix}']")
+    assert "revoked" in row.inner_text()
+    key.refresh_from_db()
+    assert key.revoked_at is not None
+
+    page.goto("/console/audit/")
+    page.get_by_label("Action").fill("keys")
+    page.get_by_role("button", name="Filter").click()
+    table = page.locator("#audit-table tbody")
+    assert table.locator("tr").count() == 2  # the create and the revoke
+    assert "/revoke/" in table.inner_text()
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Export CSV").click()
+    path = tmp_path / "audit.csv"
+    download.value.save_as(path)
+    lines = path.read_text().strip().splitlines()
+    assert lines[0].startswith("created_at,actor,action") and len(lines) == 3
+    assert all("user:admin-user" in line and key.prefix in line for line in lines[1:])
+    page.context.close()
+
+
+def test_roles_in_the_browser(browser, console_url, people):
+    home, foreign = people["home"], people["foreign"]
+    mine = _file(home)
+    theirs = _file(foreign, name="ledger.jsonl")
+    page = _page(browser, console_url, people["users"]["auditor"], viewport=TABLET)
+    page.goto(f"/console/files/{mine.id}/")
+    assert page.get_by_role("button", name="Delete file").count() == 0
+    for path in ("/console/files/", "/console/keys/", "/console/members/", "/console/models/"):
+        page.goto(path)
+        assert page.locator("main form[method=post]").count() == 0, path
+    # Usable on a tablet: nothing is wider than the screen.
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    # A hand-made POST with a valid CSRF token is still refused.
+    status = page.evaluate(
+        """async (url) => {
+          const token = document.querySelector('input[name=csrfmiddlewaretoken]').value;
+          const r = await fetch(url, {method: 'POST', headers: {'X-CSRFToken': token}});
+          return r.status;
+        }""",
+        f"/console/files/{mine.id}/delete/",
+    )
+    assert status == 403
+    # Another tenant's file is not found, even by its exact id.
+    assert page.goto(f"/console/files/{theirs.id}/").status == 404
+    assert AuditEvent.objects.filter(actor="user:auditor-user", status_code=403).count() == 1
+    page.context.close()
+
+    # The tenant switcher: the admin is a member in North Bank.
+    page = _page(browser, console_url, people["users"]["admin"], tenant=home)
+    page.goto("/console/")
+    assert page.get_by_role("heading", level=1).inner_text() == "St Mary's Hospital"
+    page.get_by_label("Tenant").select_option(label="North Bank (member)")
+    page.get_by_role("button", name="Switch").click()
+    page.wait_for_url("**/console/")
+    assert page.get_by_role("heading", level=1).inner_text() == "North Bank"
+    page.goto("/console/files/")
+    assert "ledger.jsonl" in page.content() and mine.id not in page.content()
+    page.screenshot(path=str(SCREENSHOTS / "files.png"))
+    page.context.close()
