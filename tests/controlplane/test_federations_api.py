@@ -135,3 +135,54 @@ def test_a_scheduled_round_skips_a_busy_or_paused_federation(consortium, base_mo
     FederatedRound.objects.filter(pk=first.pk).update(status="succeeded")
     assert services.round_start_scheduled(federation_id=fed["id"]) is None
     assert services.round_start_scheduled(federation_id="fed-missing") is None
+
+
+def test_a_federated_round_runs_end_to_end_and_members_chat_with_the_result(
+    live_server_url, make_tenant, base_model, celery_worker
+):
+    """Two hospitals, hosted data decrypted only inside their Flower clients (simulation
+    runtime), the round run by a real train-queue worker."""
+    import time
+
+    apis = {}
+    for slug in ("st-anne", "st-bart", "outsider"):
+        _tenant, key = make_tenant(slug, role="admin", vertical="medical")
+        apis[slug] = Api(live_server_url, key)
+    owner, bart, outsider = apis["st-anne"], apis["st-bart"], apis["outsider"]
+    fed = owner("POST", "/federations", json={
+        "name": "tiny", "base_model": base_model, "min_participants": 2,
+        "training_file": owner.upload(),
+        "settings": {"aggregation": "fedavg", "lora_r": 2, "lora_alpha": 4, "local_steps": 2,
+                     "batch_size": 2, "max_seq_len": 64, "eval_generations": 0,
+                     "min_available": 2, "min_train": 2, "round_timeout_s": 240},
+    }).json()  # fmt: skip
+    owner("POST", f"/federations/{fed['id']}/invite", json={"tenant": "st-bart"})
+    bart("POST", f"/federations/{fed['id']}/accept", json={"training_file": bart.upload()})
+
+    started = owner("POST", f"/federations/{fed['id']}/rounds").json()
+    deadline = time.monotonic() + 420
+    while True:
+        current = owner("GET", f"/federations/{fed['id']}/rounds/{started['id']}").json()
+        if current["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        assert time.monotonic() < deadline, current
+        time.sleep(1)
+
+    assert current["status"] == "succeeded", (current["error"], celery_worker.log_text()[-3000:])
+    assert current["global_model"] == f"fed:{base_model}:{fed['id']}:r1"
+    assert sorted(current["members"]) == ["st-anne", "st-bart"]
+    assert current["metrics"]["train_loss"] > 0
+    model_ids = {m["id"] for m in bart("GET", "/models").json()["data"]}
+    assert current["global_model"] in model_ids
+    reply = bart("POST", "/chat/completions", json={
+        "model": current["global_model"], "max_tokens": 3,
+        "messages": [{"role": "user", "content": "hello"}]})  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] > 0
+    denied = outsider("POST", "/chat/completions", json={
+        "model": current["global_model"], "max_tokens": 3,
+        "messages": [{"role": "user", "content": "hello"}]})  # fmt: skip
+    assert denied.status_code == 404
+    assert current["global_model"] not in {
+        m["id"] for m in outsider("GET", "/models").json()["data"]
+    }

@@ -293,11 +293,11 @@ class _RoundCallbacks:
         GlobalAdapter.objects.update_or_create(
             id=model_id, defaults={"federation": federation, "round": self.round, "blob": blob}
         )
-        members = [m.get("name") for m in metrics.get("members", []) if isinstance(m, dict)]
+        members = sorted(metrics.get("members") or {})  # member name -> its metrics
         self.stop = jobs.job_renew_lease(
             job=self.round, metrics=metrics, epsilon=metrics.get("epsilon"),
             partial=bool(metrics.get("partial")), global_model=model_id,
-            members=[m for m in members if m],
+            members=members,
         )  # fmt: skip
 
     def on_round_failed(self, round: int, reason: str) -> None:
