@@ -3,7 +3,8 @@ computes them (``trl/trainer/grpo_trainer.py``: ``_generate_and_score_completion
 advantages, ``_compute_loss`` for the loss), and ``train_grpo``, a LoRA training loop over
 the domain suites' verifiable tasks with the same callbacks and exact resume as ``train_sft``.
 
-    result = train_grpo(GRPOConfig(model_path=..., max_steps=50), tasks=SUITES["finance"].generate(64))
+    config = GRPOConfig(model_path="models/tiny", max_steps=50)
+    result = train_grpo(config, tasks=SUITES["finance"].generate(64), callbacks=my_callbacks)
 
 We reimplement rather than import TRL: its loss is a method of a Trainer that owns the
 generation, the optimizer and accelerate, while our loop must run inside a Celery job or a

@@ -383,6 +383,13 @@ class MergeReport:
     weight_rel_error: dict[str, float]
     delta_rel_error: dict[str, float]
 
+    def to_dict(self) -> dict:
+        """JSON-safe, with the maxima (for a job event or a model card)."""
+        return dataclasses.asdict(self) | {
+            "max_weight_rel_error": self.max_weight_rel_error,
+            "max_delta_rel_error": self.max_delta_rel_error,
+        }
+
     @property
     def max_weight_rel_error(self) -> float:
         return max(self.weight_rel_error.values(), default=0.0)

@@ -6,6 +6,8 @@ MoE with 4 routed experts and a shared expert) saved into tmp_path; nothing is d
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -270,6 +272,9 @@ def test_merge_into_fp8_requantises_and_reports_the_error(checkpoints):
     # e4m3 keeps 3 mantissa bits: a few percent of the weight, never more than ~7 %.
     assert 0 < report.max_weight_rel_error < 0.07
     assert 0 < report.max_delta_rel_error < 1.0
+    assert json.loads(json.dumps(report.to_dict()))["max_weight_rel_error"] == pytest.approx(
+        report.max_weight_rel_error
+    )
     ids = _ids()
     with torch.no_grad():
         want_logits, got = peft_model(ids), merged(ids)
