@@ -15,6 +15,7 @@ urlpatterns = [
     path("v1/", include("controlplane.tuning.urls")),
     path("v1/", include("controlplane.serving.urls")),
     path("v1/", include("controlplane.federation.urls")),
+    path("v1/", include("controlplane.tenancy.urls")),
 ]
 
 handler404 = "controlplane.api_errors.envelope_404"

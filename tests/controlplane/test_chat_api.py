@@ -182,3 +182,19 @@ def test_chat_auth_roles_and_bad_json(live_server_url, make_tenant, base_model):
     _t2, member = make_tenant("member-co", role="member")
     garbage = httpx.post(url, content=b"{not json", headers={"Authorization": f"Bearer {member}"})
     assert garbage.status_code == 400 and garbage.json()["error"]["code"] == "invalid_json"
+
+
+def test_usage_endpoint_reports_todays_tokens(live_server_url, make_tenant, base_model):
+    _tenant, key = make_tenant("bank")
+    client = _client(live_server_url, key)
+    done = client.chat.completions.create(model=base_model, messages=HELLO, max_tokens=3)
+    usage = httpx.get(
+        f"{live_server_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}
+    ).json()
+    assert usage["tenant"] == "bank" and usage["quotas"]["requests_per_minute"] > 0
+    assert usage["data"][0]["prompt_tokens"] == done.usage.prompt_tokens
+    assert usage["data"][0]["completion_tokens"] == done.usage.completion_tokens
+    bad = httpx.get(
+        f"{live_server_url}/v1/usage?days=0", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "days"
