@@ -330,3 +330,33 @@ def test_the_validation_split_is_fixed_by_the_seed(model_dir):
 
     assert val_loss(0) == val_loss(0)
     assert abs(val_loss(0) - val_loss(1)) > 1e-3  # another seed holds out other examples
+
+
+def test_gradient_accumulation_matches_one_large_batch(model_dir):
+    """Loss and gradient are means over every assistant token of the step, so two
+    micro-batches of 2 give the same step as one batch of 4 (the same 4 rows)."""
+    firsts = []
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        rec = Recorder()
+        config = _config(
+            model_dir, max_steps=1, batch_size=batch_size, grad_accum=grad_accum, lora_dropout=0.0
+        )
+        train_sft(config, train_examples=_examples(8), callbacks=rec)
+        firsts.append(rec.metrics[0])
+    one, accumulated = firsts
+    assert accumulated["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert accumulated["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    assert accumulated["trained_tokens"] == one["trained_tokens"]
+
+
+def test_epochs_mode_runs_every_row_the_given_number_of_times(model_dir):
+    rec = Recorder()
+    config = _config(
+        model_dir, max_steps=None, epochs=2, batch_size=2, grad_accum=1, warmup_steps=0
+    )
+    result = train_sft(config, train_examples=_examples(5), callbacks=rec)
+    # 5 rows in batches of 2: 3 batches (the last short) per epoch, 2 epochs.
+    assert result.steps == 6 and [m["epoch"] for m in rec.metrics] == [0, 0, 0, 1, 1, 1]
+    assert result.trained_tokens == rec.metrics[-1]["trained_tokens"]
+    assert rec.metrics[2]["trained_tokens"] * 2 == result.trained_tokens  # same rows twice
+    assert result.trained_tokens > 0
