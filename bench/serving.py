@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrent", type=int, default=16)
     ap.add_argument("--concurrent-prompt", type=int, default=128)
     ap.add_argument("--concurrent-tokens", type=int, default=32)
-    ap.add_argument("--max-batch-tokens", type=int, default=512)
+    ap.add_argument("--max-batch-tokens", type=int, default=2048)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.smoke:
