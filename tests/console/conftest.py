@@ -28,10 +28,13 @@ class TenantObjects:
     job: object
     adapter: object
     key: object
+    federation: object
 
 
 def make_objects(tenant) -> TenantObjects:
-    """A validated file, a job on it, an adapter and an API key, made directly (no worker)."""
+    """A validated file, a job on it, an adapter, an API key and a federation the tenant
+    owns, made directly (no worker, no base model needed)."""
+    from controlplane.federation.models import Federation, Participant
     from controlplane.files.services import file_create
     from controlplane.tenancy.services import api_key_create
     from controlplane.tuning.models import Adapter, FineTuningJob
@@ -44,7 +47,13 @@ def make_objects(tenant) -> TenantObjects:
         id=f"ft:enclave-test:{tenant.slug}::{job.id}", tenant=tenant, base_model="enclave-test"
     )
     key, _raw = api_key_create(tenant=tenant, role="member", name="ci")
-    return TenantObjects(tenant, file, job, adapter, key)
+    federation = Federation.objects.create(
+        owner=tenant, name=f"{tenant.slug} consortium", base_model="enclave-test"
+    )
+    Participant.objects.create(
+        federation=federation, tenant=tenant, status="accepted", training_file=file
+    )
+    return TenantObjects(tenant, file, job, adapter, key, federation)
 
 
 @pytest.fixture

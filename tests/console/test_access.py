@@ -35,6 +35,8 @@ def _read_urls(objs) -> list[str]:
         reverse("console:models"),
         reverse("console:playground"),
         reverse("console:federations"),
+        reverse("console:federation", args=[objs.federation.id]),
+        reverse("console:federation-rounds", args=[objs.federation.id]),
         reverse("console:api-keys"),
         reverse("console:members"),
         reverse("console:audit"),
@@ -68,6 +70,7 @@ def test_job_create_form_needs_member(world):
 
 def _writes(objs) -> list[tuple[str, str, dict]]:
     """(minimum role, url, form data) for every mutating console request."""
+    fed = objs.federation.id
     return [
         ("member", reverse("console:files"), {"purpose": "fine-tune"}),
         ("member", reverse("console:file-delete", kwargs={"file_id": objs.file.id}), {}),
@@ -79,11 +82,25 @@ def _writes(objs) -> list[tuple[str, str, dict]]:
         ("admin", reverse("console:api-keys"), {"role": "member", "name": "x"}),
         ("admin", reverse("console:api-key-revoke", kwargs={"key_id": objs.key.id}), {}),
         ("admin", reverse("console:members"), {"username": "outsider", "role": "auditor"}),
+        ("admin", reverse("console:federations"), {"name": "x", "base_model": "enclave-test"}),
+        ("admin", reverse("console:federation-invite", args=[fed]), {"tenant": "globex"}),
+        ("admin", reverse("console:federation-accept", args=[fed]), {"node_name": "n1"}),
+        ("admin", reverse("console:federation-decline", args=[fed]), {}),
+        ("admin", reverse("console:federation-schedule", args=[fed]), {"status": "paused"}),
+        ("member", reverse("console:federation-round-start", args=[fed]), {}),
     ]
 
 
 def _snapshot(objs) -> tuple:
+    from controlplane.federation.models import Federation, Participant
+
+    federation = Federation.objects.get(pk=objs.federation.pk)
     return (
+        Federation.objects.filter(owner=objs.tenant).count(),
+        (federation.status, federation.schedule, federation.rounds.count()),
+        sorted(
+            Participant.objects.filter(federation=federation).values_list("tenant_id", "status")
+        ),
         File.objects.filter(tenant=objs.tenant).count(),
         FineTuningJob.objects.get(pk=objs.job.pk).status,
         FineTuningJob.objects.get(pk=objs.job.pk).stop_request,
@@ -143,17 +160,16 @@ def test_foreign_ids_are_not_found_for_reads_and_writes(world):
     foreign = world["foreign"]
     client = _client(world, "admin")  # the most powerful role at home
     for url in _read_urls(foreign):
-        if foreign.file.id in url or foreign.job.id in url:
+        if foreign.file.id in url or foreign.job.id in url or foreign.federation.id in url:
             assert client.get(url).status_code == 404, url
     before = _snapshot(foreign)
+    checked = 0
     for _needed, url, data in _writes(foreign):
-        if (
-            foreign.file.id in url
-            or foreign.job.id in url
-            or str(foreign.key.id) in url
-            or (data.get("model") == foreign.adapter.id)
-        ):
+        named = (foreign.file.id, foreign.job.id, foreign.federation.id, f"/{foreign.key.id}/")
+        if any(part in url for part in named) or data.get("model") == foreign.adapter.id:
             assert client.post(url, data).status_code == 404, url
+            checked += 1
+    assert checked == 11  # every write that names an object
     assert _snapshot(foreign) == before
     # Nor does another tenant's file show up in the job form or the lists.
     home_pages = "".join(
@@ -161,7 +177,11 @@ def test_foreign_ids_are_not_found_for_reads_and_writes(world):
         for name in ("console:files", "console:jobs", "console:models", "console:api-keys",
                      "console:job-create", "console:playground")
     )  # fmt: skip
-    for secret in (foreign.file.id, foreign.job.id, foreign.adapter.id, foreign.key.prefix):
+    home_pages += client.get(reverse("console:federations")).content.decode()
+    for secret in (
+        foreign.file.id, foreign.job.id, foreign.adapter.id, foreign.key.prefix,
+        foreign.federation.id,
+    ):  # fmt: skip
         assert secret not in home_pages
 
 
@@ -277,3 +297,57 @@ def test_progress_json_returns_metric_points_after_a_cursor(world):
     assert data["points"][2]["loss"] == pytest.approx(1.0)
     after = data["points"][1]["id"]
     assert [p["step"] for p in client.get(url, {"after": after}).json()["points"]] == [3]
+
+
+def test_federation_create_invite_accept_start_round(world, base_model):
+    from controlplane.federation.models import FederatedRound, Federation, Participant
+
+    home, foreign = world["home"], world["foreign"]
+    owner = _client(world, "admin")
+    response = owner.post(
+        reverse("console:federations"),
+        {
+            "name": "Sepsis early warning", "base_model": base_model,
+            "training_file": home.file.id, "min_participants": 2, "schedule": "0 2 * * *",
+            "aggregation": "fedavg", "local_steps": 2, "lora_r": 4,
+        },
+    )  # fmt: skip
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    federation = Federation.objects.get(name="Sepsis early warning")
+    assert federation.owner == home.tenant and federation.schedule == "0 2 * * *"
+    detail = reverse("console:federation", args=[federation.id])
+    assert response["Location"] == detail
+
+    # Too few members with data: the round is refused with a message, nothing is queued.
+    start = reverse("console:federation-round-start", args=[federation.id])
+    page = owner.post(start, follow=True).content.decode()
+    assert "needs 2" in page and not federation.rounds.exists()
+
+    invite = reverse("console:federation-invite", args=[federation.id])
+    assert owner.post(invite, {"tenant": "globex"}).status_code == 302
+    guest = _client(world, "foreign-admin")
+    page = guest.get(detail).content.decode()
+    assert "You are invited" in page and "Sepsis early warning" in page
+    # The guest is not the owner: it may not invite (the service's rule, shown as 403).
+    assert guest.post(invite, {"tenant": "acme"}).status_code == 403
+    accept = reverse("console:federation-accept", args=[federation.id])
+    assert guest.post(accept, {"training_file": foreign.file.id}).status_code == 302
+    seat = Participant.objects.get(federation=federation, tenant=foreign.tenant)
+    assert seat.status == "accepted" and seat.accepted_by == "user:foreign-admin"
+    assert seat.training_file_id == foreign.file.id
+    # The guest cannot start the owner's rounds.
+    assert guest.post(start).status_code == 403
+
+    assert owner.post(start).status_code == 302
+    fed_round = FederatedRound.objects.get(federation=federation)
+    assert fed_round.number == 1 and fed_round.status == "queued"
+    page = owner.get(detail).content.decode()
+    assert 'id="rounds-table"' in page and "Globex Clinic" in page
+    rounds = owner.get(reverse("console:federation-rounds", args=[federation.id])).json()
+    assert [r["number"] for r in rounds["rounds"]] == [1] and rounds["busy"] is True
+    actions = set(
+        AuditEvent.objects.filter(object_type__startswith="federation").values_list(
+            "actor", "status_code"
+        )
+    )
+    assert ("user:foreign-admin", 403) in actions and ("user:admin-user", 302) in actions

@@ -14,6 +14,8 @@ import functools
 
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponse
+from django.template.response import TemplateResponse
 from django.urls import reverse
 
 from controlplane.api import Principal
@@ -94,7 +96,13 @@ def console_view(read_role: str = Role.AUDITOR, write_role: str = Role.MEMBER):
             if not principal.can(needed):
                 response = _forbidden(request, needed)
             else:
-                response = view(request, *args, **kwargs)
+                try:
+                    response = view(request, *args, **kwargs)
+                except PermissionDenied as exc:  # a service's own rule (e.g. owner only)
+                    response = _forbidden(request, needed, reason=str(exc))
+                except Http404:
+                    audit_console_request(request, HttpResponse(status=404))
+                    raise
             audit_console_request(request, response)
             return response
 
@@ -103,13 +111,17 @@ def console_view(read_role: str = Role.AUDITOR, write_role: str = Role.MEMBER):
     return decorate
 
 
-def _forbidden(request, needed: str):
-    from django.template.response import TemplateResponse
-
+def _forbidden(request, needed: str, reason: str = ""):
     response = TemplateResponse(
         request,
         "console/forbidden.html",
-        {"needed": needed, "principal": request.principal},
+        {
+            "needed": needed,
+            "reason": reason,
+            "principal": request.principal,
+            "tenant": request.principal.tenant,
+            "my_memberships": getattr(request, "console_memberships", []),
+        },
         status=403,
     )
     return response.render()

@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import views
+from . import federations, views
 
 app_name = "console"
 
@@ -36,7 +36,38 @@ urlpatterns = [
     path("models/delete/", views.model_delete, name="model-delete"),
     path("playground/", views.playground, name="playground"),
     path("playground/stream", views.playground_stream, name="playground-stream"),
-    path("federations/", views.federations, name="federations"),
+    path("federations/", federations.federations, name="federations"),
+    path("federations/<str:federation_id>/", federations.federation_detail, name="federation"),
+    path(
+        "federations/<str:federation_id>/rounds.json",
+        federations.federation_rounds,
+        name="federation-rounds",
+    ),
+    path(
+        "federations/<str:federation_id>/invite/",
+        federations.federation_invite,
+        name="federation-invite",
+    ),
+    path(
+        "federations/<str:federation_id>/accept/",
+        federations.federation_accept,
+        name="federation-accept",
+    ),
+    path(
+        "federations/<str:federation_id>/decline/",
+        federations.federation_decline,
+        name="federation-decline",
+    ),
+    path(
+        "federations/<str:federation_id>/schedule/",
+        federations.federation_schedule,
+        name="federation-schedule",
+    ),
+    path(
+        "federations/<str:federation_id>/rounds/start/",
+        federations.federation_round_start,
+        name="federation-round-start",
+    ),
     path("keys/", views.api_keys, name="api-keys"),
     path("keys/<int:key_id>/revoke/", views.api_key_revoke, name="api-key-revoke"),
     path("members/", views.members, name="members"),

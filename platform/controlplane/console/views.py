@@ -476,15 +476,6 @@ async def playground_stream(request):
     return response
 
 
-# ---- federations --------------------------------------------------------------------------
-
-
-@require_GET
-@access.console_view()
-def federations(request):
-    return _render(request, "federations.html")
-
-
 # ---- API keys -----------------------------------------------------------------------------
 
 
