@@ -360,3 +360,61 @@ def test_epochs_mode_runs_every_row_the_given_number_of_times(model_dir):
     assert result.trained_tokens == rec.metrics[-1]["trained_tokens"]
     assert rec.metrics[2]["trained_tokens"] * 2 == result.trained_tokens  # same rows twice
     assert result.trained_tokens > 0
+
+
+def test_training_writes_nothing_to_disk(model_dir, monkeypatch):
+    """Examples arrive decrypted in memory; neither they nor anything derived from them
+    (adapter, state) may reach a file. Python-level writers are guarded: open and os.open
+    for writing, temporary files, torch.save to a path (its C++ writer bypasses open) and
+    safetensors' save_file."""
+    import builtins
+    import os
+    import tempfile
+
+    import safetensors.torch
+
+    real_open, real_os_open = builtins.open, os.open
+    writes = []
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            writes.append(str(file))
+            raise AssertionError(f"wrote {file}")
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            writes.append(str(path))
+            raise AssertionError(f"wrote {path}")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def no_temp(*args, **kwargs):
+        raise AssertionError("temporary file")
+
+    real_torch_save = torch.save
+
+    def guarded_torch_save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            writes.append(str(f))
+            raise AssertionError(f"torch.save to {f}")
+        return real_torch_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", guarded_torch_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", no_temp)
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_os_open)
+    for name in ("mkstemp", "mkdtemp", "NamedTemporaryFile", "TemporaryFile"):
+        monkeypatch.setattr(tempfile, name, no_temp)
+    rec = Recorder()
+    result = train_sft(
+        _config(model_dir, max_steps=2, checkpoint_every=1, val_fraction=0.25),
+        train_examples=_examples(6),
+        callbacks=rec,
+    )
+    assert result.status == "succeeded" and set(rec.checkpoints) == {1, 2}
+    resumed = train_sft(
+        _config(model_dir, max_steps=2, checkpoint_every=1, val_fraction=0.25),
+        train_examples=_examples(6),
+        resume_state=rec.checkpoints[1],
+    )
+    assert resumed.steps == 2 and writes == []
