@@ -122,6 +122,12 @@ def _kernel_cpu_fused(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
     return fp8_cpu.gemm_fused(x, q, scale)
 
 
+def _kernel_cpu_blocked(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """C register-blocked kernel: decodes four weight rows at a time into L1 and reuses them
+    across the batch (fp8_cpu.gemm_blocked)."""
+    return fp8_cpu.gemm_blocked(x, q, scale)
+
+
 def _kernel_cpu_panels(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """C dequantisation of 256-row weight panels, each multiplied by PyTorch's matmul."""
     return fp8_cpu.gemm_panels(x, q, scale)
@@ -169,6 +175,7 @@ _KERNELS: dict[str, tuple[Callable, Callable[[str, torch.dtype, int, int], bool]
     "reference": (_kernel_reference, lambda dev, dt, k, n: True, EXACT),
     "table_dequant": (_kernel_table_dequant, lambda dev, dt, k, n: True, EXACT),
     "cpu_fused": (_kernel_cpu_fused, lambda dev, dt, k, n: _cpu_fp32(dev, dt), EXACT),
+    "cpu_blocked": (_kernel_cpu_blocked, lambda dev, dt, k, n: _cpu_fp32(dev, dt), EXACT),
     "cpu_panels": (_kernel_cpu_panels, lambda dev, dt, k, n: _cpu_fp32(dev, dt), EXACT),
     "cuda_dequant_bf16": (
         _kernel_cuda_dequant_bf16,

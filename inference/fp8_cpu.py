@@ -94,6 +94,8 @@ def _library() -> ctypes.CDLL | None:
     lib.fp8_dequant_rows.restype = None
     lib.fp8_gemm_fused.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.fp8_gemm_fused.restype = ctypes.c_int
+    lib.fp8_gemm_blocked.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.fp8_gemm_blocked.restype = ctypes.c_int
     return lib
 
 
@@ -124,6 +126,25 @@ def gemm_fused(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
     lib.fp8_gemm_fused(
         x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads()
     )
+    return y
+
+
+def gemm_blocked(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 @ dequant(q [N, K], scale).T -> [M, N], any M: four weight rows at a
+    time are decoded into a small buffer and consumed by 4x4 register-blocked vector loops."""
+    _check(x, q, scale)
+    m, k = x.shape
+    n = q.shape[0]
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("fp8_cpu kernel is not available")
+    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.fp8_gemm_blocked(
+        x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads()
+    )
+    if rc != 0:
+        raise RuntimeError("fp8_gemm_blocked: out of memory")
     return y
 
 

@@ -76,3 +76,112 @@ int fp8_gemm_fused(const float *x, const uint8_t *w, const float *s, float *y, i
     }
     return 0;
 }
+
+// ---- register-blocked kernel for any M ---------------------------------------------------
+// y[m][n] = sum_k x[m][k] * W[n][k]. For each group of NR weight rows, the rows are decoded
+// once into a small float buffer (L1/L2-resident) and reused by every block of MR rows of
+// x, with MR x NR vector accumulators running over k: the decode is amortised over up to
+// MC rows of x, and the float weight never exists beyond NR rows.
+#include <stdlib.h>
+
+#define MR 4    // rows of x per register block
+#define NR 4    // weight rows per register block
+#define MC 64   // rows of x per pass over the weight (bounds the x working set)
+#define VL 16   // floats per vector
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+
+static inline vf load_vf(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float hsum(vf v) {
+    float s = 0.f;
+    for (int i = 0; i < VL; i++) s += v[i];
+    return s;
+}
+
+// Decode weight rows [n, n + NR) (rows >= N become zeros) into buf [NR][K].
+static void decode_rows(const uint8_t *w, const float *s, int64_t n, int64_t N, int64_t K,
+                        float *buf) {
+    const int64_t kb = (K + BLOCK - 1) / BLOCK;
+    for (int c = 0; c < NR; c++) {
+        float *dst = buf + c * K;
+        if (n + c >= N) {
+            memset(dst, 0, K * sizeof(float));
+            continue;
+        }
+        const float *srow = s + ((n + c) / BLOCK) * kb;
+        for (int64_t b = 0; b < kb; b++) {
+            int64_t k0 = b * BLOCK, len = K - k0 < BLOCK ? K - k0 : BLOCK;
+            decode_tile(w + (n + c) * K + k0, srow[b], len, dst + k0);
+        }
+    }
+}
+
+// MR x NR block: rows m..m+mr of x against the NR decoded rows in buf.
+static inline void block_mr_nr(const float *x, const float *buf, float *y, int64_t m, int mr,
+                               int64_t n, int64_t N, int64_t K) {
+    vf acc[MR][NR];
+    float tail[MR][NR];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) {
+            acc[r][c] = (vf){0};
+            tail[r][c] = 0.f;
+        }
+    const int64_t kv = K - K % VL;
+    if (mr == MR) {
+        for (int64_t k = 0; k < kv; k += VL) {
+            vf wv[NR];
+            for (int c = 0; c < NR; c++) wv[c] = load_vf(buf + c * K + k);
+            for (int r = 0; r < MR; r++) {
+                vf xv = load_vf(x + (m + r) * K + k);
+                for (int c = 0; c < NR; c++) acc[r][c] += xv * wv[c];
+            }
+        }
+    } else {
+        for (int64_t k = 0; k < kv; k += VL) {
+            vf wv[NR];
+            for (int c = 0; c < NR; c++) wv[c] = load_vf(buf + c * K + k);
+            for (int r = 0; r < mr; r++) {
+                vf xv = load_vf(x + (m + r) * K + k);
+                for (int c = 0; c < NR; c++) acc[r][c] += xv * wv[c];
+            }
+        }
+    }
+    for (int64_t k = kv; k < K; k++)
+        for (int r = 0; r < mr; r++)
+            for (int c = 0; c < NR; c++) tail[r][c] += x[(m + r) * K + k] * buf[c * K + k];
+    for (int r = 0; r < mr; r++)
+        for (int c = 0; c < NR && n + c < N; c++) y[(m + r) * N + n + c] = hsum(acc[r][c]) + tail[r][c];
+}
+
+int fp8_gemm_blocked(const float *x, const uint8_t *w, const float *s, float *y, int64_t M,
+                     int64_t N, int64_t K, int nthreads) {
+    const int64_t groups = (N + NR - 1) / NR;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = (float *)malloc(NR * K * sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += MC) {
+            int64_t m1 = m0 + MC < M ? m0 + MC : M;
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < groups; g++) {
+                if (!buf) continue;
+                decode_rows(w, s, g * NR, N, K, buf);
+                for (int64_t m = m0; m < m1; m += MR) {
+                    int mr = m1 - m < MR ? (int)(m1 - m) : MR;
+                    block_mr_nr(x, buf, y, m, mr, g * NR, N, K);
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}

@@ -105,7 +105,9 @@ def test_cpu_kernel_builds():
     assert fp8_cpu.available()
 
 
-@pytest.mark.parametrize("kernel", ["reference", "table_dequant", "cpu_fused", "cpu_panels"])
+@pytest.mark.parametrize(
+    "kernel", ["reference", "table_dequant", "cpu_fused", "cpu_blocked", "cpu_panels"]
+)
 @pytest.mark.parametrize("m,n,k", [(1, 256, 384), (5, 300, 200), (40, 129, 1000)])
 def test_every_cpu_kernel_is_within_3_percent_of_fp32(kernel, m, n, k):
     g = torch.Generator().manual_seed(m + n + k)
@@ -131,6 +133,7 @@ def test_cpu_kernel_decodes_all_codes_exactly():
     eye = torch.eye(q.shape[1])
     assert torch.equal(fp8_cpu.gemm_panels(eye, q, scale)[:, 0], q.float()[0])
     assert torch.equal(fp8_cpu.gemm_fused(eye[:1], q, scale)[0], q.float()[0, :1])
+    assert torch.equal(fp8_cpu.gemm_blocked(eye[:5], q, scale)[:, 0], q.float()[0, :5])
 
 
 def test_each_model_linear_fp8_within_3_percent():
@@ -159,7 +162,7 @@ def test_dispatch_measures_once_per_shape_class_and_per_engine():
     fp8_linear(torch.randn(4, 256), q, scale, None, torch.float32, a)  # same class: 3, 4 -> 4
     assert list(a.choice) == [("cpu", torch.float32, 4, 256, 256)]
     timings = a.timings[("cpu", torch.float32, 4, 256, 256)]
-    assert {"reference", "table_dequant", "cpu_fused", "cpu_panels"} <= set(timings)
+    assert {"reference", "table_dequant", "cpu_fused", "cpu_blocked", "cpu_panels"} <= set(timings)
     assert a.choice[("cpu", torch.float32, 4, 256, 256)] == min(timings, key=timings.get)
     fp8_linear(torch.randn(3, 256), q, scale, None, torch.float32, b)
     assert b.choice == {}  # forced: never measures, never touches another engine's choices
