@@ -154,7 +154,7 @@ def base_model():
     path = settings.ENCLAVE_MODELS_DIR / BASE_MODEL
     if not (path / "config.json").exists():
         path.mkdir(parents=True, exist_ok=True)
-        make_model_dir(path)
+        make_model_dir(path, {"max_position_embeddings": 1024})  # room for the suites' prompts
     return BASE_MODEL
 
 

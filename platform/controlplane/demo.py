@@ -28,6 +28,9 @@ class DemoOptions:
     serve: bool = False
     port: int | None = None
     job_timeout: float = 120.0
+    scenario: bool = True  # the bank and hospitals scenario (needs a base model)
+    fast: bool = False  # smaller sizes (the test suite uses this)
+    model: str | None = None  # base model name; default: enclave-tiny, else the first one
 
 
 def _say(msg: str) -> None:
@@ -102,6 +105,11 @@ def run_demo(options: DemoOptions) -> int:
         if not ok:
             _say(f"job did not succeed; worker log: {worker.log_path}")
             return 1
+        if options.scenario:
+            code = _scenario(base_url, options)
+            if code:
+                _say(f"scenario failed; logs: {web.log_path}, {worker.log_path}")
+                return code
         if options.serve:
             _say(f"serving at {base_url}/ (admin at {base_url}/admin/, API docs at "
                  f"{base_url}/api/docs/); press Ctrl-C to stop")  # fmt: skip
@@ -118,3 +126,26 @@ def run_demo(options: DemoOptions) -> int:
             signal.signal(s, handler)
         if processes:
             _say("stopped web and worker")
+
+
+def _scenario(base_url: str, options: DemoOptions) -> int:
+    from controlplane.demo_scenario import ScenarioSizes, print_table, run_scenario
+    from controlplane.tuning.selectors import base_models
+
+    names = [m.name for m in base_models()]
+    model = options.model or ("enclave-tiny" if "enclave-tiny" in names else None)
+    model = model or (names[0] if names else None)
+    if model is None or model not in names:
+        _say(f"no base model {model or ''} under {settings.ENCLAVE_MODELS_DIR}: "
+             "cannot run the scenario")  # fmt: skip
+        return 1
+    sizes = ScenarioSizes()
+    if options.fast:
+        sizes = ScenarioSizes(train_examples=8, eval_items=4, sft_steps=4,
+                              federated_local_steps=2, max_tokens=16)  # fmt: skip
+    _say(f"scenario on base model {model!r}")
+    started = time.monotonic()
+    rows = run_scenario(base_url, model, sizes)
+    print_table(rows)
+    _say(f"scenario took {time.monotonic() - started:.0f}s")
+    return 1 if any(r.after is None for r in rows) or len(rows) < 4 else 0

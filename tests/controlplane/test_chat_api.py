@@ -147,7 +147,7 @@ def test_a_tenant_chats_with_its_adapter_and_nobody_else_can(
         ({"messages": []}, 400, "messages"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "x"}] * 10_000}, 400, "messages"),
-        ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ],
     ids=["unknown-model", "negative-max-tokens", "absurd-temperature", "zero-top-p", "n-2",

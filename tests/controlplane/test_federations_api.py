@@ -172,6 +172,9 @@ def test_a_federated_round_runs_end_to_end_and_members_chat_with_the_result(
     assert current["global_model"] == f"fed:{base_model}:{fed['id']}:r1"
     assert sorted(current["members"]) == ["st-anne", "st-bart"]
     assert current["metrics"]["train_loss"] > 0
+    from controlplane.tenancy.models import DailyUsage
+
+    assert DailyUsage.objects.get(tenant__slug="st-bart").training_tokens > 0  # metered
     model_ids = {m["id"] for m in bart("GET", "/models").json()["data"]}
     assert current["global_model"] in model_ids
     reply = bart("POST", "/chat/completions", json={

@@ -21,6 +21,7 @@ from controlplane.files.selectors import file_get
 from controlplane.jobs import services as jobs
 from controlplane.jobs.models import LeasedJob
 from controlplane.tenancy.models import Tenant
+from controlplane.tenancy.services import usage_record
 from controlplane.tuning import selectors as tuning_selectors
 from controlplane.tuning.services import adapter_pack
 from controlplane.vault import services as vault_services
@@ -293,7 +294,12 @@ class _RoundCallbacks:
         GlobalAdapter.objects.update_or_create(
             id=model_id, defaults={"federation": federation, "round": self.round, "blob": blob}
         )
-        members = sorted(metrics.get("members") or {})  # member name -> its metrics
+        per_member = metrics.get("members") or {}  # member name (tenant slug) -> its metrics
+        members = sorted(per_member)
+        for tenant in Tenant.objects.filter(slug__in=members):
+            trained = int(per_member[tenant.slug].get("trained_tokens") or 0)
+            if trained:
+                usage_record(tenant=tenant, training_tokens=trained)
         self.stop = jobs.job_renew_lease(
             job=self.round, metrics=metrics, epsilon=metrics.get("epsilon"),
             partial=bool(metrics.get("partial")), global_model=model_id,
