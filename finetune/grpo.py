@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -628,7 +629,7 @@ def cli(args) -> int:
     ``finetune.domains.SUITES``), n (tasks), task_seed, out (adapter directory), optional
     metrics (JSONL file, appended per step), optional initial_adapter (a PEFT directory to
     start from, e.g. the SFT result) and set (FIELD=VALUE overrides of GRPOConfig). Prints a
-    JSON summary and returns 0.
+    JSON summary and returns 0 (2 for a bad override).
     """
     from pathlib import Path
 
@@ -637,7 +638,12 @@ def cli(args) -> int:
     from finetune.lora import CONFIG_NAME, WEIGHTS_NAME
     from finetune.sft import parse_overrides
 
-    config = GRPOConfig(model_path=args.model, **parse_overrides(args.set or [], GRPOConfig))
+    try:
+        config = GRPOConfig(model_path=args.model, **parse_overrides(args.set or [], GRPOConfig))
+        config.validate()
+    except (TypeError, ValueError) as e:
+        print(f"bad --set: {e}", file=sys.stderr)
+        return 2
     tasks = SUITES[args.suite].generate(args.n, args.task_seed)
     initial = None
     if getattr(args, "initial_adapter", None):

@@ -578,14 +578,19 @@ def cli(args) -> int:
     ``args`` (an argparse Namespace): model (checkpoint dir), train and optional val (JSONL
     files, any format ``finetune.data`` accepts), out (directory for adapter_config.json and
     adapter_model.safetensors), optional metrics (JSONL file, appended per step) and set
-    (FIELD=VALUE overrides of SFTConfig). Prints a JSON summary; returns 0, or 1 when the
-    data is invalid (the errors name their lines).
+    (FIELD=VALUE overrides of SFTConfig). Prints a JSON summary; returns 0, 1 when the
+    data is invalid (the error names its line), 2 for a bad override.
     """
     from pathlib import Path
 
     from finetune.callbacks import JsonlMetricsLog
 
-    config = SFTConfig(model_path=args.model, **parse_overrides(args.set or [], SFTConfig))
+    try:
+        config = SFTConfig(model_path=args.model, **parse_overrides(args.set or [], SFTConfig))
+        config.validate()
+    except (TypeError, ValueError) as e:
+        print(f"bad --set: {e}", file=sys.stderr)
+        return 2
     try:
         train = [{"messages": e.messages} for e in data.iter_examples(args.train)]
         val = [{"messages": e.messages} for e in data.iter_examples(args.val)] if args.val else None

@@ -291,8 +291,9 @@ def test_cli_trains_from_a_file_and_writes_a_peft_adapter_directory(model_dir, t
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\n')
     assert sft.cli(Namespace(**{**vars(args), "train": str(bad)})) == 1
-    with pytest.raises(ValueError, match="--set wants FIELD=VALUE"):
-        sft.cli(Namespace(**{**vars(args), "set": ["nonsense=1"]}))
+    assert sft.cli(Namespace(**{**vars(args), "set": ["nonsense=1"]})) == 2
+    assert sft.cli(Namespace(**{**vars(args), "set": ["lora_r=0"]})) == 2
+    assert "--set wants FIELD=VALUE" in capsys.readouterr().err
 
 
 def test_training_refuses_a_model_whose_chat_template_serving_renders_differently(
