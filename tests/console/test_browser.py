@@ -290,3 +290,50 @@ def test_roles_in_the_browser(browser, console_url, people):
     assert "ledger.jsonl" in page.content() and mine.id not in page.content()
     page.screenshot(path=str(SCREENSHOTS / "files.png"))
     page.context.close()
+
+
+def test_federation_created_joined_and_its_round_queued(
+    browser, console_url, people, base_model, django_user_model
+):
+    from controlplane.federation.models import FederatedRound
+    from controlplane.tenancy.services import membership_set
+
+    home, foreign = people["home"], people["foreign"]
+    _file(home, name="wards.jsonl")
+    _file(foreign, name="branches.jsonl")
+    guest_admin = django_user_model.objects.create_user(username="northbank-admin")
+    membership_set(tenant=foreign, user=guest_admin, role="admin")
+
+    owner = _page(browser, console_url, people["users"]["admin"], tenant=home)
+    owner.goto("/console/federations/")
+    owner.get_by_label("Name").fill("Sepsis early warning")
+    owner.get_by_label("Base model").select_option(base_model)
+    owner.get_by_label("Our training file").select_option(index=1)
+    owner.get_by_label("Schedule (cron)").fill("0 2 * * *")
+    owner.get_by_label("Local steps per round").fill("2")
+    owner.get_by_role("button", name="Create federation").click()
+    owner.wait_for_url("**/console/federations/fed-*/")
+    detail = owner.url
+    assert "0 2 * * *" in owner.get_by_test_id("schedule").inner_text()
+    owner.get_by_label("Tenant to invite (slug)").fill("northbank")
+    owner.get_by_role("button", name="Invite").click()
+    assert "invited" in owner.locator("#members-table").inner_text()
+
+    guest = _page(browser, console_url, guest_admin)
+    guest.goto(detail)
+    assert guest.get_by_role("heading", name="You are invited").is_visible()
+    guest.get_by_label("Our training file (hosted)").select_option(index=1)
+    guest.get_by_role("button", name="Accept").click()
+    members = guest.locator("#members-table").inner_text()
+    assert members.count("accepted") == 2 and "North Bank" in members
+    assert guest.get_by_role("button", name="Start the next round now").count() == 0
+    guest.context.close()
+
+    owner.reload()
+    owner.get_by_role("button", name="Start the next round now").click()
+    rounds = owner.locator("#rounds-table tbody tr")
+    assert rounds.count() == 1 and "queued" in rounds.first.inner_text()
+    owner.wait_for_function("document.getElementById('federation').dataset.rounds === '0'")
+    assert FederatedRound.objects.get().number == 1
+    owner.screenshot(path=str(SCREENSHOTS / "federation.png"), full_page=True)
+    owner.context.close()
