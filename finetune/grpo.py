@@ -313,12 +313,12 @@ def train_grpo(
     ``tasks``: ``finetune.domains`` TaskItems (or their ``to_dict`` form); prompts are their
     chat messages, drawn in an order fixed by the seed. ``reward_fn(completion_text, item)``
     scores a completion (decoded without special tokens); default ``domains.reward`` (format
-    0.2 + correct 0.8). Each step samples ``group_size`` completions for each of
+    0.2 + correct 0.8); None marks a completion it cannot score (advantage 0, as in TRL). Each step samples ``group_size`` completions for each of
     ``prompts_per_step`` prompts, scores them, computes group advantages and takes
     ``num_iterations`` optimizer steps on ``grpo_loss`` (one micro-batch per group).
 
     on_metrics gets, per logged step: step, reward_mean, reward_std (over every sampled
-    completion), frac_reward_zero_std, groups_sampled, groups_kept, loss, kl (beta > 0),
+    completion), unscorable_fraction, frac_reward_zero_std, groups_sampled, groups_kept, loss, kl (beta > 0),
     entropy, clip_ratio_low/high/region, completion_length (mean, plus _min/_max),
     terminated_fraction (ended with eos), lr, grad_norm, elapsed_s, eta_s.
     ``resume_state``/``on_checkpoint`` state resumes exactly, as in ``train_sft``.
@@ -420,7 +420,7 @@ def train_grpo(
                     for ids, n in zip(group.completion, group.mask.sum(1), strict=True)
                 ]
                 group.rewards = torch.tensor(
-                    [float(reward_fn(text, items[index])) for text in texts]
+                    [_reward_value(reward_fn(text, items[index])) for text in texts]
                 )
                 all_rewards.append(group.rewards)
                 if config.dynamic_sampling and zero_std_fraction(group.rewards, len(texts)) == 1:
@@ -461,8 +461,9 @@ def train_grpo(
         if step % config.log_every == 0 or step == config.max_steps:
             metrics.update(
                 step=step,
-                reward_mean=rewards.mean().item(),
-                reward_std=rewards.std().item() if rewards.numel() > 1 else 0.0,
+                reward_mean=torch.nanmean(rewards).item(),
+                reward_std=nanstd(rewards).item() if rewards.numel() > 1 else 0.0,
+                unscorable_fraction=rewards.isnan().float().mean().item(),
                 frac_reward_zero_std=sum(
                     zero_std_fraction(r, config.group_size) for r in all_rewards
                 )
@@ -491,6 +492,12 @@ def train_grpo(
         metrics=last_metrics,
         state=save(),
     )
+
+
+def _reward_value(value) -> float:
+    """A reward as a float; None (the reward function cannot score this completion) becomes
+    NaN, which the advantages leave out and zero, as TRL does."""
+    return float("nan") if value is None else float(value)
 
 
 @dataclass

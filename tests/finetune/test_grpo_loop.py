@@ -113,7 +113,9 @@ def test_dynamic_sampling_drops_groups_without_signal(model_dir):
     flat = {ITEMS[0].id, ITEMS[1].id}
 
     def reward(text, item):  # half the prompts give every completion the same reward
-        return 0.5 if item.id in flat else -len(text) / 10
+        if item.id in flat:
+            return 0.5
+        return None if len(text) > 12 else -len(text) / 10  # None: cannot score
 
     rec = Recorder()
     config = _config(model_dir, max_steps=2, dynamic_sampling=True, max_sampling_rounds=3)
@@ -125,6 +127,8 @@ def test_dynamic_sampling_drops_groups_without_signal(model_dir):
             (m["groups_sampled"] - m["groups_kept"]) / m["groups_sampled"]
         )
     assert sum(m["groups_sampled"] - m["groups_kept"] for m in rec.metrics) > 0
+    assert all(m["reward_mean"] == m["reward_mean"] for m in rec.metrics)  # NaN-free means
+    assert any(m["unscorable_fraction"] > 0 for m in rec.metrics)
 
 
 def test_the_default_reward_is_the_domain_suites_and_no_signal_means_no_update(model_dir):
