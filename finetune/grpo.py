@@ -11,6 +11,11 @@ generation, the optimizer and accelerate, while our loop must run inside a Celer
 Flower client with our own FP8 model and in-memory state. The tests run TRL's own
 ``_compute_loss`` on the same tensors and compare loss and gradient for every loss type.
 
+Proved by tests/finetune/test_grpo.py (loss, gradient and logged statistics equal TRL's
+for every loss type, both importance-sampling levels, with and without KL; advantages) and
+tests/finetune/test_grpo_loop.py (update direction, metrics, exact resume, dynamic
+sampling, the domain reward, the CLI).
+
 Shapes: B completions of up to T tokens. ``logps``, ``old_logps``, ``ref_logps`` and
 ``mask`` are [B, T] (log-probabilities of the sampled tokens; mask 1 on completion tokens
 that count), ``advantages`` is [B] or [B, T].

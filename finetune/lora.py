@@ -25,6 +25,12 @@ per-expert linears). The rewrite only exists to load adapters trained on transfo
 we never need, so it is switched off by hiding ``model_type`` while peft injects and loads.
 After injection ``apply_lora`` checks that exactly the requested modules were adapted.
 
+Proved by tests/finetune/test_lora.py: FP8 bases stay FP8 and frozen with fp32/bf16
+adapters, parameter counts per target set from the config, experts and router only when
+asked, peft's rewrite pinned, adapter files load onto transformers' DeepseekV3 with the same
+logits and into the serving engine's reader, gradients through FP8 layers equal those
+through dequantised ones, merges (wide, and FP8 with its reported error).
+
 FP8: ``FP8Linear`` (an ``nn.Linear``) carries ``compute_dtype``, which peft reads to create the
 LoRA weights in that dtype instead of float8; ``apply_lora`` then casts them to
 ``adapter_dtype`` (float32 or bfloat16). Base weights stay float8 and frozen. Merging never
