@@ -151,7 +151,8 @@ class NodeTrainer:
         self.name = str(node_config.get("participant", ""))
         self._data: tuple[list[dict], list[dict]] | None = None
         self._eval_models: dict[tuple, tuple[Any, Any]] = {}
-        self.secagg_clients: dict[str, Any] = {}  # round id -> SecAggClient
+        self.secagg_clients: dict[str, Any] = {}  # round id -> SecAggClient (this round only)
+        self.pending: dict[str, Any] = {}  # round id -> weighted payload awaiting masking
 
     @property
     def data(self) -> tuple[list[dict], list[dict]]:
@@ -200,7 +201,73 @@ class NodeTrainer:
             "train_seconds": seconds,
             "steps": int(result.steps),
         }
-        return trained, metrics
+        if config.get("dp-clip") is None and not config.get("secagg"):
+            return trained, metrics
+        return self._private_update(tensors, trained, config, metrics)
+
+    def _private_update(self, start: dict, trained: dict, config, metrics: dict):
+        """DP: clip the update (trained - global) and add this member's share of the noise.
+        Secure aggregation: keep the (weighted) update for the masking stages and send
+        nothing in clear now. Returns (tensors to send, metrics)."""
+        import numpy as np
+        import torch
+
+        delta = {k: (trained[k].double() - start[k].double()).numpy() for k in trained}
+        if config.get("dp-clip") is not None:
+            from federated import privacy
+
+            dp = privacy.DPConfig(
+                clip_norm=float(config["dp-clip"]),
+                noise_multiplier=float(config["dp-noise"]),
+            )
+            delta, factor = privacy.clip_and_noise(
+                delta, dp, privacy.new_noise_rng(), noise_shares=int(config.get("dp-shares", 1))
+            )
+            metrics["dp_clip_factor"] = factor
+        if not config.get("secagg"):
+            return {
+                k: torch.from_numpy(start[k].double().numpy() + d).float() for k, d in delta.items()
+            }, metrics
+        from federated import secagg
+
+        vector, _ = secagg.flatten_params(delta)
+        dp_on = config.get("dp-clip") is not None
+        self.pending = {str(config["secagg-round"]): (np.asarray(vector), len(self.data[0]), dp_on)}
+        return {}, metrics
+
+    def secagg_stage(self, kind: str, arrays: dict, config: Mapping[str, Any]) -> tuple[dict, dict]:
+        """One secure-aggregation stage (federated.secagg): (arrays, payload) out."""
+        from federated import secagg
+
+        rid = str(config["round-id"])
+        if kind == "secagg_advertise":
+            fp = secagg.FixedPoint.for_sum(float(config["clip"]), int(config["max-clients"]))
+            client = secagg.SecAggClient(int(config["node-id"]), rid, int(config["threshold"]), fp)
+            self.secagg_clients = {rid: client}
+            return {}, client.advertise_keys()
+        client = self.secagg_clients.get(rid)
+        if client is None:
+            raise secagg.SecAggAborted(f"no secure-aggregation state for round {rid}")
+        if kind == "secagg_share":
+            roster = {k[2:]: bytes(v) for k, v in config.items() if k.startswith("r/")}
+            return {}, client.share_keys(roster)
+        if kind == "secagg_masked":
+            inbox = {k[2:]: bytes(v) for k, v in config.items() if k.startswith("i/")}
+            pending = self.pending.pop(rid, None)
+            if pending is None:
+                raise secagg.SecAggAborted(f"no trained update for round {rid}")
+            vector, n_examples, dp_on = pending
+            # Under DP every member counts the same (the accountant's sum of clipped
+            # updates); otherwise by examples, scaled into [0, 1] by the largest member's
+            # count so w * x stays inside the fixed-point clip.
+            weight = 1.0 if dp_on else min(n_examples / float(config["weight-cap"]), 1.0)
+            payload = secagg.weighted_payload(vector, weight)
+            return {"masked": client.masked_input(payload, inbox)}, {}
+        if kind == "secagg_unmask":
+            out = client.unmask({"survivors": [int(x) for x in config["survivors"]]})
+            self.secagg_clients.pop(rid, None)
+            return {}, out
+        raise ValueError(f"unknown secure-aggregation stage {kind!r}")
 
     def evaluate(self, tensors: dict, config: Mapping[str, Any]) -> dict:
         """Loss and token accuracy on the member's validation rows; for rows that carry a
@@ -274,9 +341,7 @@ class NodeTrainer:
         if kind == "evaluate":
             return {}, self.evaluate(_to_torch(arrays), config)
         if kind.startswith("secagg"):
-            from federated import server_app
-
-            return server_app.client_secagg_stage(self, kind, arrays, config)
+            return self.secagg_stage(kind, arrays, config)
         raise ValueError(f"unknown request {kind!r}")
 
 
@@ -378,6 +443,22 @@ def train(msg: Message, context: Context) -> Message:
     trainer = trainer_for(context)
     out, metrics = trainer.handle("train", tensors, config)
     return _reply(msg, out, metrics, {"participant": trainer.name})
+
+
+def _secagg(stage: str):
+    def handler(msg: Message, context: Context) -> Message:
+        tensors, config = _unpack(msg)
+        config["node-id"] = context.node_id
+        arrays, payload = trainer_for(context).handle(stage, tensors, config)
+        return _reply(msg, arrays, {}, payload)
+
+    handler.__name__ = stage
+    return handler
+
+
+# Secure aggregation: four query messages per round (see federated.server_app).
+for _stage in ("secagg_advertise", "secagg_share", "secagg_masked", "secagg_unmask"):
+    app.query(_stage)(_secagg(_stage))
 
 
 @app.evaluate()

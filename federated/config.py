@@ -13,19 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from federated.privacy import DPConfig  # the one definition: clip, noise, delta, budget
+
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "ffa", "svd")
 ROBUST = ("none", "trimmed_mean", "krum")
 TARGET_SETS = ("mla", "mlp", "experts", "router")
-
-
-@dataclass
-class DPConfig:
-    """Client-side differential privacy (passed to ``federated.privacy``)."""
-
-    clip_norm: float = 1.0  # L2 bound on each member's adapter update
-    noise_multiplier: float = 1.0  # Gaussian noise std / clip_norm, added by each member
-    delta: float = 1e-5  # the delta of (epsilon, delta)-DP
-    epsilon_budget: float = 10.0  # a round that would exceed this is refused
 
 
 @dataclass
@@ -58,6 +50,7 @@ class FederationConfig:
     max_seq_len: int = 256
     seed: int = 0
     # Evaluation on each member's validation data
+    evaluate_every: int = 1  # federated evaluation after every this many rounds; 0: never
     eval_generations: int = 4  # greedy completions scored by the suite reward (0: loss only)
     eval_max_new_tokens: int = 48
     # Membership and fault tolerance
@@ -68,7 +61,8 @@ class FederationConfig:
     max_round_retries: int = 1  # a failed round is retried this many times, then the run fails
     # Privacy
     secure_aggregation: bool = False  # the server learns only the sum (federated.secagg)
-    dp: DPConfig | None = None
+    secagg_clip: float = 8.0  # fixed-point range of each masked coordinate (|value| <= clip)
+    dp: DPConfig | None = None  # client-side clip + noise; the server refuses rounds past budget
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -92,6 +86,15 @@ class FederationConfig:
             raise ValueError("trim_fraction must be in [0, 0.5)")
         if self.round_timeout_s <= 0 or self.max_round_retries < 0:
             raise ValueError("round_timeout_s must be > 0 and max_round_retries >= 0")
+        if self.secure_aggregation:
+            # The server sees only the (weighted) sum: rules that need each member's update
+            # cannot run on it.
+            if self.aggregation in ("svd", "fedadam") or self.robust != "none" or self.norm_bound:
+                raise ValueError(
+                    "secure_aggregation supports fedavg, fedprox and ffa without robust rules"
+                )
+            if self.min_train < 2:
+                raise ValueError("secure_aggregation needs min_train >= 2")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

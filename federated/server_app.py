@@ -31,9 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from federated.client_app import numpy_to_record
 from federated.config import FederationConfig, read_run_file
 from federated.strategy import OwnAggregation, build_strategy
 
@@ -84,8 +86,9 @@ def _nbytes(tensors: dict) -> int:
 class Federation:
     """Drives the rounds of one run over ``grid``. See the module docstring."""
 
-    def __init__(self, grid: Grid, config: FederationConfig, out_dir: Path):
+    def __init__(self, grid: Grid, config: FederationConfig, out_dir: Path, run_id: int = 0):
         self.grid, self.config, self.out_dir = grid, config, out_dir
+        self.run_id = run_id
         self.events = EventLog(out_dir / "events.jsonl")
         self.strategy = build_strategy(config)
         self.tensors: dict = {}
@@ -94,11 +97,7 @@ class Federation:
         if config.dp is not None:
             from federated import privacy
 
-            self.accountant = privacy.PrivacyAccountant(
-                noise_multiplier=config.dp.noise_multiplier,
-                delta=config.dp.delta,
-                epsilon_budget=config.dp.epsilon_budget,
-            )
+            self.accountant = privacy.PrivacyAccountant(config.dp)
 
     # ---- the run ------------------------------------------------------------------------
 
@@ -143,7 +142,7 @@ class Federation:
         if isinstance(self.strategy, OwnAggregation):
             self.strategy.current = self.tensors
         messages = list(
-            self.strategy.configure_train(rnd, arrays, self._round_config(rnd), self.grid)
+            self.strategy.configure_train(rnd, arrays, self._round_config(rnd, attempt), self.grid)
         )
         sent_to = [m.metadata.dst_node_id for m in messages]
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
@@ -159,25 +158,37 @@ class Federation:
         bytes_up = sum(
             m.content.array_records["arrays"].count_bytes() for m in valid if "arrays" in m.content
         )
-        agg_arrays, train_metrics = self.strategy.aggregate_train(rnd, valid)
-        if agg_arrays is None:
-            raise RoundFailed("aggregation produced no adapter")
-        new = agg_arrays.to_torch_state_dict()
+        secagg_report: dict = {}
+        if cfg.secure_aggregation:
+            mean_delta, secagg_report = self._secure_mean(rnd, attempt, valid)
+            bytes_up += secagg_report.pop("bytes_up")
+            bytes_down += secagg_report.pop("bytes_down")
+            new = {k: (self.tensors[k].double() + v).float() for k, v in mean_delta.items()}
+            train_metrics = self.strategy.train_metrics_aggr_fn(
+                [m.content for m in valid], "num-examples"
+            )
+        else:
+            agg_arrays, train_metrics = self.strategy.aggregate_train(rnd, valid)
+            if agg_arrays is None:
+                raise RoundFailed("aggregation produced no adapter")
+            new = agg_arrays.to_torch_state_dict()
         # FFA-LoRA replies carry only B; A stays the global one.
         self.tensors = {**self.tensors, **new}
         train_seconds = time.perf_counter() - start
 
-        eval_msgs = list(
-            self.strategy.configure_evaluate(
-                rnd, ArrayRecord(self.tensors), self._round_config(rnd), self.grid
+        eval_replies: list[Message] = []
+        if cfg.evaluate_every and rnd % cfg.evaluate_every == 0:
+            eval_msgs = list(
+                self.strategy.configure_evaluate(
+                    rnd, ArrayRecord(self.tensors), self._round_config(rnd), self.grid
+                )
             )
-        )
-        bytes_down += _nbytes(self.tensors) * len(eval_msgs)
-        eval_replies = [
-            m
-            for m in self.grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout_s)
-            if not m.has_error()
-        ]
+            bytes_down += _nbytes(self.tensors) * len(eval_msgs)
+            eval_replies = [
+                m
+                for m in self.grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout_s)
+                if not m.has_error()
+            ]
         per_member: dict[str, dict] = {}
         for m in valid:
             per_member.setdefault(_member(m), {}).update(_train_metrics(m))
@@ -207,8 +218,108 @@ class Federation:
         }
         if isinstance(self.strategy, OwnAggregation):
             metrics["aggregation_report"] = self.strategy.last_report
+        if secagg_report:
+            metrics["secagg"] = secagg_report
         adapter_dir = self._save(rnd)
         self.events.write(event="round", round=rnd, metrics=metrics, adapter_dir=str(adapter_dir))
+
+    # ---- secure aggregation -------------------------------------------------------------
+
+    def _secagg_round_id(self, rnd: int, attempt: int) -> str:
+        return f"{self.run_id}/{rnd}/{attempt}"
+
+    def _stage(self, stage: str, payloads: dict[int, tuple[dict, dict]]) -> dict[int, Message]:
+        """Send query.<stage> to each member (arrays, config) and collect replies in time."""
+        messages = [
+            Message(
+                RecordDict(
+                    {"config": ConfigRecord(config)}
+                    | ({"arrays": numpy_to_record(arrays)} if arrays else {})
+                ),
+                message_type=f"{MessageType.QUERY}.{stage}",
+                dst_node_id=node,
+            )
+            for node, (arrays, config) in payloads.items()
+        ]
+        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout_s)
+        return {m.metadata.src_node_id: m for m in replies if not m.has_error()}
+
+    def _secure_mean(self, rnd: int, attempt: int, trained: list[Message]) -> tuple[dict, dict]:
+        """Four message exchanges (federated.secagg); returns the weighted mean update by
+        tensor name, learning nothing about any single member's update. Members that drop
+        out are handled by the protocol; below the threshold the round fails (RoundFailed)."""
+        import torch
+
+        from federated import secagg
+
+        rid = self._secagg_round_id(rnd, attempt)
+        members = [m.metadata.src_node_id for m in trained]
+        counts = [float(m.content.metric_records["metrics"]["num-examples"]) for m in trained]
+        layout_source = {
+            k: v
+            for k, v in self.tensors.items()
+            if not (self.config.aggregation == "ffa" and "lora_A" in k)
+        }
+        _, layout = secagg.flatten_params(layout_source)
+        vector_len = sum(int(math.prod(shape)) for _, shape in layout) + 1  # + the weight
+        threshold = _threshold(len(members))
+        fp = secagg.FixedPoint.for_sum(self.config.secagg_clip, len(members))
+        server = secagg.SecAggServer(rid, threshold, vector_len, fp)
+        base = {
+            "round-id": rid,
+            "threshold": threshold,
+            "clip": self.config.secagg_clip,
+            "max-clients": len(members),
+        }
+        up = down = 0
+        try:
+            replies = self._stage("secagg_advertise", {n: ({}, base) for n in members})
+            for node, m in replies.items():
+                keys = dict(m.content.config_records["config"])
+                up += sum(len(v) for v in keys.values())
+                server.receive_advertisement(node, keys)
+            roster = server.close_advertise()
+            shared = {f"r/{k}": v for k, v in roster.items()}
+            down += sum(len(v) for v in roster.values()) * len(server.u1)
+            replies = self._stage("secagg_share", {n: ({}, base | shared) for n in server.u1})
+            for node, m in replies.items():
+                shares = {k: bytes(v) for k, v in m.content.config_records["config"].items()}
+                up += sum(len(v) for v in shares.values())
+                server.receive_shares(node, shares)
+            inboxes = server.close_share_keys()
+            cap = {"weight-cap": max(counts)}
+            payloads = {
+                n: ({}, base | cap | {f"i/{k}": v for k, v in inbox.items()})
+                for n, inbox in inboxes.items()
+            }
+            down += sum(len(v) for inbox in inboxes.values() for v in inbox.values())
+            replies = self._stage("secagg_masked", payloads)
+            for node, m in replies.items():
+                masked = m.content.array_records["arrays"]["masked"].numpy()
+                up += masked.nbytes
+                server.receive_masked_input(node, masked)
+            request = server.close_masked_input()
+            survivors = [int(x) for x in request["survivors"]]
+            replies = self._stage(
+                "secagg_unmask", {n: ({}, base | {"survivors": survivors}) for n in survivors}
+            )
+            for node, m in replies.items():
+                shares = {k: bytes(v) for k, v in m.content.config_records["config"].items()}
+                up += sum(len(v) for v in shares.values())
+                server.receive_unmask(node, shares)
+            total = server.finalize()
+        except secagg.SecAggAborted as e:
+            raise RoundFailed(f"secure aggregation aborted: {e}") from e
+        mean = secagg.weighted_mean(total)
+        delta = secagg.unflatten_params(mean, layout)
+        report = {
+            "survivors": len(survivors),
+            "threshold": threshold,
+            "rejected": {str(k): v for k, v in server.rejected.items()},
+            "bytes_up": up,
+            "bytes_down": down,
+        }
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in delta.items()}, report
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -224,10 +335,21 @@ class Federation:
                 )
             time.sleep(0.5)
 
-    def _round_config(self, rnd: int) -> ConfigRecord:
+    def _round_config(self, rnd: int, attempt: int = 0) -> ConfigRecord:
         cfg = self.config
+        extra: dict[str, Any] = {}
+        if cfg.secure_aggregation:
+            extra = {"secagg": True, "secagg-round": self._secagg_round_id(rnd, attempt)}
+        if cfg.dp is not None:
+            extra["dp-clip"] = cfg.dp.clip_norm
+            extra["dp-noise"] = cfg.dp.noise_multiplier
+            if cfg.secure_aggregation:
+                # Distributed DP: the sum of >= threshold members' shares carries the full
+                # noise; the threshold is a lower bound on the survivors (federated.privacy).
+                extra["dp-shares"] = _threshold(cfg.min_train)
         return ConfigRecord(
             {
+                **extra,
                 "server-round": rnd,
                 "model-path": cfg.model_path,
                 "adapter-config": self.adapter_config,
@@ -255,6 +377,13 @@ class Federation:
         return path
 
 
+def _threshold(n_members: int) -> int:
+    """Shamir threshold: a strict majority, and never below 2."""
+    from federated import secagg
+
+    return max(2, secagg.default_threshold(n_members))
+
+
 def _member(msg: Message) -> str:
     content = msg.content
     if "config" in content and "participant" in content.config_records["config"]:
@@ -269,6 +398,7 @@ def _train_metrics(msg: Message) -> dict:
         "train_examples": m.get("num-examples"),
         "trained_tokens": m.get("trained_tokens"),
         "train_seconds": m.get("train_seconds"),
+        **({"dp_clip_factor": m["dp_clip_factor"]} if "dp_clip_factor" in m else {}),
     }
 
 
@@ -293,7 +423,7 @@ def main(grid: Grid, context: Context) -> None:
     run = read_run_file(str(context.run_config["run-file"]))
     out_dir = Path(run["out-dir"])
     config = FederationConfig.from_dict(run["federation"])
-    federation = Federation(grid, config, out_dir)
+    federation = Federation(grid, config, out_dir, run_id=context.run_id)
     try:
         federation.run()
     except Exception as e:
