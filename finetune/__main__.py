@@ -2,6 +2,10 @@
 
     validate FILE   check a training file; prints the report as JSON, exit 1 if invalid
     gen             write a domain suite's SFT data as chat JSONL
+    sft             LoRA SFT on a chat JSONL file          (finetune/cli_train.py)
+    grpo            GRPO with LoRA on a domain suite       (finetune/cli_train.py)
+    eval            held-out accuracy per family, as JSON  (finetune/cli_train.py)
+    pretrain        train the tiny base model from scratch (finetune/cli_train.py)
 
 Each command is a pair: `add_<name>(subparsers)` declares its arguments and sets
 `func`, a function of the parsed arguments returning the exit status. A new command
@@ -14,6 +18,8 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+
+from finetune import cli_train
 
 
 def add_validate(subparsers) -> None:
@@ -95,7 +101,7 @@ def run_gen(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [add_validate, add_gen]
+COMMANDS: list[Callable] = [add_validate, add_gen, *cli_train.COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
