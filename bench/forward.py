@@ -56,9 +56,14 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(side: str, ckpt: Path, tokens: int, repeats: int, result: Path) -> None:
+def worker(
+    side: str, ckpt: Path, tokens: int, repeats: int, threads: int | None, result: Path
+) -> None:
     """Load one side, time prefill, write a JSON result and the last-position logits."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     rss_before = _rss_bytes()
     t0 = time.perf_counter()
@@ -115,10 +120,12 @@ def worker(side: str, ckpt: Path, tokens: int, repeats: int, result: Path) -> No
     result.write_text(json.dumps(out, indent=2))
 
 
-def run_side(side: str, ckpt: Path, tokens: int, repeats: int, workdir: Path) -> dict:
+def run_side(side: str, ckpt: Path, args: argparse.Namespace, workdir: Path) -> dict:
     result = workdir / f"{side}.json"
     cmd = [sys.executable, __file__, "--worker", side, "--ckpt", str(ckpt)]
-    cmd += ["--tokens", str(tokens), "--repeats", str(repeats), "--result", str(result)]
+    cmd += ["--tokens", str(args.tokens), "--repeats", str(args.repeats), "--result", str(result)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} worker failed:\n{proc.stderr[-4000:]}")
@@ -138,7 +145,7 @@ def bench_config(name: str, args: argparse.Namespace) -> dict:
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
             for side in SIDES:
-                r = run_side(side, ckpt, args.tokens, args.repeats, tmp)
+                r = run_side(side, ckpt, args, tmp)
                 if side not in best or r["prefill_s"] < best[side]["prefill_s"]:
                     best[side] = r
         ref = torch.load(tmp / "hf_fp32.pt")
@@ -197,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on every side (default: torch's). On a CPU shared with other jobs, "
+        "1 avoids OpenMP stalls that swamp the comparison",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny config, 32 tokens, 1 repeat, 1 round"
@@ -206,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.ckpt, args.tokens, args.repeats, args.result)
+        worker(args.worker, args.ckpt, args.tokens, args.repeats, args.threads, args.result)
         return 0
     if args.smoke:
         args.config, args.tokens, args.repeats, args.rounds = ["tiny"], 32, 1, 1

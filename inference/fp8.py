@@ -231,7 +231,8 @@ class FP8Kernels:
         key = (x.device.type, x.dtype, _batch_class(x.shape[0]), n, k)
         name = self.choice.get(key)
         if name is None:
-            name = self._measure(key, x, q, scale)
+            with torch.no_grad():
+                name = self._measure(key, x.detach(), q, scale)
         return name
 
     def _measure(self, key: tuple, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> str:
@@ -270,6 +271,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _FP8LinearFunction(torch.autograd.Function):
+    """Makes every kernel differentiable in x (the FP8 weight is frozen): the C kernels return
+    plain tensors, and LoRA training needs gradients to flow through frozen FP8 layers."""
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, name: str
+    ) -> torch.Tensor:
+        ctx.save_for_backward(q, scale)
+        return _KERNELS[name][0](x, q, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, scale = ctx.saved_tensors
+        return grad @ dequantize_weight(q, scale, grad.dtype), None, None, None
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -287,7 +305,10 @@ def fp8_linear(
     shape = x.shape
     x2d = x.reshape(-1, shape[-1]).to(out_dtype)
     name = kernels.pick(x2d, weight, scale)
-    y = _KERNELS[name][0](x2d, weight, scale)
+    if x2d.requires_grad and torch.is_grad_enabled():
+        y = _FP8LinearFunction.apply(x2d, weight, scale, name)
+    else:
+        y = _KERNELS[name][0](x2d, weight, scale)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.view(*shape[:-1], weight.shape[0])

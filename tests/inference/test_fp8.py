@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from inference import FP8Kernels, FP8Linear, fp8_cpu
+from inference import FP8Kernels, FP8Linear, ModelConfig, fp8_cpu
 from inference.fp8 import (
     _KERNELS,
     dequantize_weight,
@@ -205,3 +207,34 @@ def test_peft_lora_on_fp8_linear_keeps_adapter_in_compute_dtype():
     # Only the adapter trains.
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_gradient_flows_through_frozen_fp8_layers_for_lora():
+    """LoRA on an FP8 model trains adapters in early layers: the input gradient must pass
+    through later FP8 linears, whatever kernel the dispatch picked."""
+    from peft import LoraConfig, get_peft_model
+
+    from inference.checkpoint import load_model, save_checkpoint
+
+    config = ModelConfig.from_hf_dict(
+        {**BASE_V3, "model_type": "deepseek_v3", "num_hidden_layers": 2}
+    )
+    torch.manual_seed(0)
+    path = Path(tempfile.mkdtemp())
+    save_checkpoint(Transformer(config), path)
+    for kernel in ("cpu_blocked", "reference"):
+        model = load_model(path, fp8=True, fp8_kernels=FP8Kernels(force=kernel))
+        lora = get_peft_model(
+            model, LoraConfig(r=4, target_modules=["q_a_proj", "kv_b_proj", "down_proj"])
+        )
+        ids = torch.randint(0, config.vocab_size, (1, 6))
+        lora(ids).square().mean().backward()
+        first = lora.base_model.model.model.layers[0].self_attn.q_a_proj.lora_B["default"].weight
+        assert first.grad is not None and first.grad.abs().sum() > 0, kernel
+    # The input gradient of one FP8 linear is the one through its dequantised weight.
+    layer = FP8Linear.from_linear(
+        torch.nn.Linear(256, 130, bias=False), kernels=FP8Kernels(force="cpu_blocked")
+    )
+    x = torch.randn(3, 256, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad, layer.dequantized_weight().sum(0).expand(3, -1), atol=1e-5)
