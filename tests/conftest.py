@@ -159,7 +159,7 @@ def base_model():
 
 
 @pytest.fixture(scope="session")
-def live_server_url(process_env, tmp_path_factory):
+def web_server(process_env, tmp_path_factory):
     """A real uvicorn process serving the platform on a free port, on the test database."""
     from controlplane import launch
 
@@ -171,12 +171,17 @@ def live_server_url(process_env, tmp_path_factory):
         log_path=tmp_path_factory.mktemp("web") / "web.log",
         env=env,
     )
-    url = f"http://127.0.0.1:{port}"
+    web.url = f"http://127.0.0.1:{port}"
     try:
-        launch.wait_until_ready(url, timeout=60, process=web)
-        yield url
+        launch.wait_until_ready(web.url, timeout=60, process=web)
+        yield web
     finally:
         web.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server_url(web_server) -> str:
+    return web_server.url
 
 
 @pytest.fixture

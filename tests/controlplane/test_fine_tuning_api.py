@@ -179,3 +179,30 @@ def test_concurrent_job_quota_answers_403(live_server_url, make_tenant, base_mod
         client.fine_tuning.jobs.create(model=base_model, training_file=training_file)
     assert raised.value.body["type"] == "insufficient_quota"
     assert not Adapter.objects.exists()
+
+
+def test_secrets_and_training_data_never_reach_the_logs(
+    web_server, make_tenant, base_model, celery_worker
+):
+    """A full fine-tune with a distinctive record in the data, at DEBUG-level logging of
+    the worker, then a grep of every log the run wrote."""
+    marker = "Zebulon Quxworth MRN 99-ZQ-4242"
+    _tenant, key = make_tenant("clinic", role="admin")
+    client = _client(web_server.url, key)
+    rows = [{"messages": [{"role": "user", "content": f"Who is patient {i}?"},
+                          {"role": "assistant", "content": f"{marker} case {i}."}]}
+            for i in range(4)]  # fmt: skip
+    data = "".join(__import__("json").dumps(r) + "\n" for r in rows).encode()
+    file_id = client.files.create(file=("t.jsonl", io.BytesIO(data)), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model=base_model, training_file=file_id, method=_method(max_steps=2)
+    )
+    assert _wait(client, job.id).status == "succeeded"
+    client.chat.completions.create(
+        model=base_model, messages=[{"role": "user", "content": marker}], max_tokens=2
+    )
+
+    logs = web_server.log_text() + celery_worker.log_text()
+    assert len(logs) > 0
+    for secret in (key, key.split("_", 2)[2], marker, "99-ZQ-4242"):
+        assert secret not in logs
