@@ -205,7 +205,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrent-tokens", type=int, default=32)
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--threads", type=int, help="torch intra-op threads for both sides (default: torch's)"
+    )
     args = ap.parse_args(argv)
+    if args.threads:
+        # Process-wide, and the same for both engines. On a CPU shared with other jobs, one
+        # thread avoids OpenMP oversubscription that slows every op by an order of magnitude.
+        torch.set_num_threads(args.threads)
     if args.smoke:
         args.config = "tiny"
         args.ctx, args.decode_tokens = [16, 48], 4
