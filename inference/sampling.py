@@ -8,8 +8,9 @@ the CTRL/transformers repetition penalty (on prompt and generated tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 import torch
 
@@ -35,6 +36,12 @@ class SamplingParams:
     top_logprobs: int = 0  # and this many most likely alternatives
 
     def validate(self) -> None:
+        # None (what an API layer passes for an omitted field) means the default.
+        for f in dataclasses.fields(self):
+            if f.name != "seed" and getattr(self, f.name) is None:
+                default = f.default_factory() if f.default_factory is not MISSING else f.default
+                setattr(self, f.name, default)
+
         def number(name: str) -> float:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):

@@ -76,3 +76,12 @@ def test_logprobs_and_top_logprobs():
 def test_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value}).validate()
+
+
+def test_none_means_the_default_and_a_bare_stop_string_is_a_list():
+    p = SamplingParams(stop="END", top_p=None, top_logprobs=None, presence_penalty=None)
+    p.validate()
+    assert (p.stop, p.top_p, p.top_logprobs, p.presence_penalty) == (["END"], 1.0, 0, 0.0)
+    q = SamplingParams(stop=None, temperature=None)
+    q.validate()
+    assert q.stop == [] and q.temperature == 1.0
