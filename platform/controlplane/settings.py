@@ -292,6 +292,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
 ENCLAVE_JOB_LEASE_SECONDS = env.int("ENCLAVE_JOB_LEASE_SECONDS", default=60)
 ENCLAVE_JOB_MAX_ATTEMPTS = env.int("ENCLAVE_JOB_MAX_ATTEMPTS", default=5)
 ENCLAVE_REAPER_INTERVAL_SECONDS = env.float("ENCLAVE_REAPER_INTERVAL_SECONDS", default=30.0)
+# A job still queued this long after its message was sent gets its message sent again.
+ENCLAVE_REQUEUE_AFTER_SECONDS = env.int("ENCLAVE_REQUEUE_AFTER_SECONDS", default=300)
 CELERY_BEAT_SCHEDULE = {
     "reap-expired-job-leases": {
         "task": "jobs.reap_expired_leases",

@@ -44,6 +44,9 @@ class LeasedJob(models.Model):
         max_length=8, choices=StopRequest.choices, blank=True, default=StopRequest.NONE
     )
     error = models.TextField(blank=True, default="")
+    #: when a message for this job was last sent; the reaper re-sends for a job left
+    #: queued much longer (a broker that lost its messages loses no job)
+    bell_rung_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

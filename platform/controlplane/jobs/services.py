@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from django.apps import apps
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -28,17 +28,38 @@ class LeaseLost(Exception):
     """The job is no longer ours: cancelled, or re-queued after our lease expired."""
 
 
+def _with_reconnect(query):
+    """Run a database query; if the connection was dropped (PostgreSQL restarted, a proxy
+    cut it), close it and run the query once more on a fresh one."""
+    try:
+        return query()
+    except (OperationalError, InterfaceError):
+        if connection.in_atomic_block:
+            raise  # inside a transaction the caller must start over
+        log.warning("database connection lost; reconnecting")
+        connection.close()
+        return query()
+
+
 def worker_identity() -> str:
     """A lease owner name unique to this process and this claim."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _ring(model: type[LeasedJob], job_id) -> None:
+    """Send the job's message. A broker that is down is not an error here: the row is
+    queued, and the reaper rings again once the broker is back."""
+    model.objects.filter(pk=job_id).update(bell_rung_at=timezone.now())
+    try:
+        celery_app.send_task(model.run_task, args=[job_id], queue=model.run_queue, retry=False)
+    except Exception:
+        log.warning("%s %s: broker unreachable; the reaper will re-send", model.__name__, job_id)
+
+
 def job_enqueue(*, job: LeasedJob) -> None:
     """Ring the bell for `job` once the surrounding transaction commits."""
-    model = type(job)
-    transaction.on_commit(
-        lambda: celery_app.send_task(model.run_task, args=[job.pk], queue=model.run_queue)
-    )
+    model, job_id = type(job), job.pk
+    transaction.on_commit(lambda: _ring(model, job_id))
 
 
 def job_claim(
@@ -69,11 +90,10 @@ def job_renew_lease(*, job: LeasedJob, lease_seconds: int | None = None, **progr
     """
     lease = timedelta(seconds=lease_seconds or settings.ENCLAVE_JOB_LEASE_SECONDS)
     expires = timezone.now() + lease
-    updated = (
-        type(job)
-        .objects.filter(pk=job.pk, status=LeasedJob.Status.RUNNING, lease_owner=job.lease_owner)
-        .update(lease_expires_at=expires, **progress)
+    mine = type(job).objects.filter(
+        pk=job.pk, status=LeasedJob.Status.RUNNING, lease_owner=job.lease_owner
     )
+    updated = _with_reconnect(lambda: mine.update(lease_expires_at=expires, **progress))
     if not updated:
         raise LeaseLost(f"{type(job).__name__} {job.pk} is no longer held by {job.lease_owner}")
     job.lease_expires_at = expires
@@ -90,17 +110,20 @@ def job_complete(*, job: LeasedJob, status: str, error: str = "", **fields) -> b
     False if it was no longer ours."""
     if status not in LeasedJob.TERMINAL | {LeasedJob.Status.PAUSED}:
         raise ValueError(f"{status!r} is not a terminal job status")
+    mine = type(job).objects.filter(
+        pk=job.pk, status=LeasedJob.Status.RUNNING, lease_owner=job.lease_owner
+    )
     return bool(
-        type(job)
-        .objects.filter(pk=job.pk, status=LeasedJob.Status.RUNNING, lease_owner=job.lease_owner)
-        .update(
-            status=status,
-            error=error,
-            finished_at=timezone.now(),
-            lease_owner="",
-            lease_expires_at=None,
-            stop_request=LeasedJob.StopRequest.NONE,
-            **fields,
+        _with_reconnect(
+            lambda: mine.update(
+                status=status,
+                error=error,
+                finished_at=timezone.now(),
+                lease_owner="",
+                lease_expires_at=None,
+                stop_request=LeasedJob.StopRequest.NONE,
+                **fields,
+            )
         )
     )
 
@@ -181,7 +204,14 @@ def job_reap_expired(*, now=None) -> int:
     """
     now = now or timezone.now()
     requeued = 0
+    stale = now - timedelta(seconds=settings.ENCLAVE_REQUEUE_AFTER_SECONDS)
     for model in leased_job_models():
+        # Queued for long with no taker: the message may be lost (a broker restart).
+        # Ringing again is safe: a duplicate delivery claims nothing.
+        for job_id in model.objects.filter(
+            status=LeasedJob.Status.QUEUED, bell_rung_at__lt=stale
+        ).values_list("pk", flat=True):
+            _ring(model, job_id)
         expired = model.objects.filter(status=LeasedJob.Status.RUNNING, lease_expires_at__lt=now)
         for job in expired.only("pk", "attempts", "lease_owner", "lease_expires_at"):
             still_expired = model.objects.filter(
