@@ -74,10 +74,10 @@ _TARGET_PATTERNS = {
 }
 _ROUTER_PATTERN = re.compile(r"model\.layers\.\d+\.mlp\.gate")
 
-# Kernels whose output is differentiable with respect to the activation. The C kernels
-# (cpu_fused, cpu_panels) and torch's block-scaled FP8 matmul have no backward, and a base
-# layer without a backward cuts the gradient to every adapter below it.
-TRAINABLE_FP8_KERNELS = ("reference", "table_dequant", "cuda_dequant_bf16")
+# Kernels a training model may use where no gradient is needed (evaluation, sampling): both
+# dequantise exactly and compute the same product, so a timing-dependent choice between them
+# cannot make two runs differ. The C and bf16 kernels are faster but not bitwise equal.
+TRAINABLE_FP8_KERNELS = ("reference", "table_dequant")
 
 
 class LoraError(ValueError):
@@ -220,7 +220,7 @@ def apply_lora(
     """Wrap ``model`` (modified in place) with fresh LoRA adapters on the target sets.
 
     Every base parameter is frozen; only the LoRA weights train, in ``adapter_dtype``
-    (float32 or bfloat16). FP8 base layers are switched to differentiable kernels
+    (float32 or bfloat16). FP8 base layers are switched to deterministic kernels
     (``prepare_fp8_for_training``). Returns the ``PeftModel`` (``peft_model(ids)`` gives the
     logits). Raises LoraError for bad targets, a bad dtype, or if peft adapted anything other
     than what was asked.
@@ -355,11 +355,14 @@ def lora_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
 
 
 def prepare_fp8_for_training(model: nn.Module) -> int:
-    """Make every ``FP8Linear`` in ``model`` use only differentiable kernels.
+    """Give every ``FP8Linear`` in ``model`` one ``FP8Kernels`` restricted to
+    ``TRAINABLE_FP8_KERNELS``; returns how many layers it changed.
 
-    The engine's ``FP8Kernels`` may pick a C kernel with no backward, which would stop the
-    gradient at that layer. Gives the FP8 layers one shared ``FP8Kernels`` restricted to
-    ``TRAINABLE_FP8_KERNELS``. Returns how many layers it changed.
+    The engine picks each shape's kernel by timing it, so two runs may pick differently, and
+    the fast kernels sum in another order: a paused-and-resumed run would drift from an
+    uninterrupted one. The allowed kernels give bitwise-identical results. (Gradients
+    through frozen FP8 layers are the engine's: ``fp8_linear`` wraps every kernel in an
+    autograd function that keeps only the float8 bytes and scales for backward.)
     """
     kernels = fp8_mod.FP8Kernels(allowed=TRAINABLE_FP8_KERNELS)
     count = 0

@@ -208,7 +208,7 @@ def test_adapter_files_load_onto_transformers_deepseek_with_the_same_logits(chec
 def test_gradients_flow_through_fp8_layers_as_through_dequantised_ones(checkpoints):
     fp8_model = inference.load_model(checkpoints[1])
     for m in fp8_model.modules():
-        if isinstance(m, FP8Linear):  # the C kernel has no backward: apply_lora must replace it
+        if isinstance(m, FP8Linear):  # a C kernel: its result has no autograd of its own
             m.kernels = inference.FP8Kernels(force="cpu_panels")
     wide_model = inference.load_model(checkpoints[1], fp8=False)
     grads = []
@@ -312,3 +312,26 @@ def test_the_serving_engine_reads_our_adapter_files(checkpoints, tmp_path):
         assert scale == 2.0  # alpha / r
         delta = base.get_submodule(name).get_delta_weight("default")
         assert torch.allclose(scale * b @ a, delta.reshape(b.shape[0], a.shape[1]), atol=1e-6), name
+
+
+def test_training_keeps_no_wide_copy_of_fp8_weights_for_backward(checkpoints):
+    peft_model = lora.apply_lora(inference.load_model(checkpoints[1]), ("mla", "mlp"), r=4)
+    _perturb_lora(peft_model)
+    fp8_shapes = {tuple(m.weight.shape) for m in peft_model.modules() if isinstance(m, FP8Linear)}
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        # 11 tokens: no activation (11 or 22 routed rows) shares a shape with a weight.
+        loss = peft_model(_ids(n=1, t=11)).float().pow(2).mean()
+    wide = [s for s in saved if s[0] in fp8_shapes and s[1] != FP8_DTYPE]
+    assert saved and not wide  # only float8 bytes (and scales) wait for backward
+    assert any(dtype == FP8_DTYPE for _, dtype in saved)
+    loss.backward()
+    grads = [
+        p.grad for n, p in peft_model.named_parameters() if "layers.0.self_attn.q_b_proj.lora_" in n
+    ]
+    assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
