@@ -124,10 +124,10 @@ def test_cancel_pause_and_resume(live_server_url, make_tenant, base_model, tmp_p
         ({"method": _method(learning_rate_multiplier="fast")}, "hyperparameters.learning_rate_multiplier"),
         ({"method": _method(warp_drive=True)}, "hyperparameters.warp_drive"),
         ({"suffix": "no spaces allowed"}, "suffix"),
-        ({"method": {"type": "reinforcement"}}, "method"),
+        ({"method": {"type": "reinforcement"}}, "method.reinforcement.grader"),
     ],
     ids=["unknown-model", "unknown-file", "zero-epochs", "non-numeric", "unknown-hp",
-         "bad-suffix", "reinforcement"],
+         "bad-suffix", "no-grader"],
 )  # fmt: skip
 def test_bad_job_requests_are_refused_and_nothing_is_queued(
     live_server_url, make_tenant, base_model, tmp_path, change, param
@@ -206,3 +206,34 @@ def test_secrets_and_training_data_never_reach_the_logs(
     assert len(logs) > 0
     for secret in (key, key.split("_", 2)[2], marker, "99-ZQ-4242"):
         assert secret not in logs
+
+
+def test_reinforcement_job_runs_grpo_with_a_domain_grader(
+    live_server_url, make_tenant, base_model, celery_worker
+):
+    from finetune.domains import SUITES
+
+    _tenant, key = make_tenant("bank", vertical="finance")
+    client = _client(live_server_url, key)
+    items = SUITES["finance"].generate(4, seed=5)
+    rows = [{"messages": i.sft_messages(), "task": i.to_dict()} for i in items]
+    data = "".join(__import__("json").dumps(r) + "\n" for r in rows).encode()
+    file_id = client.files.create(file=("rl.jsonl", io.BytesIO(data)), purpose="fine-tune").id
+    rl = {"type": "reinforcement", "reinforcement": {
+        "grader": {"type": "enclave_suite", "name": "finance"},
+        "hyperparameters": {"max_steps": 1, "prompts_per_step": 2, "group_size": 2,
+                            "max_completion_length": 8, "checkpoint_every": 0}}}  # fmt: skip
+
+    job = client.fine_tuning.jobs.create(model=base_model, training_file=file_id, method=rl)
+    done = _wait(client, job.id)
+
+    assert done.status == "succeeded", done.error
+    assert done.method.type == "reinforcement"
+    metrics = [e for e in client.fine_tuning.jobs.list_events(job.id).data if e.type == "metrics"]
+    assert metrics and {"reward_mean", "reward_std", "completion_length"} <= set(metrics[0].data)
+    assert done.fine_tuned_model in {m.id for m in client.models.list().data}
+
+    bad = {"type": "reinforcement", "reinforcement": {"grader": {"name": "astrology"}}}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.fine_tuning.jobs.create(model=base_model, training_file=file_id, method=bad)
+    assert raised.value.body["param"] == "method.reinforcement.grader"

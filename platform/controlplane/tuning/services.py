@@ -46,6 +46,22 @@ HYPERPARAMETERS: dict[str, tuple[type, Any, float | None, float | None]] = {
 }
 
 
+#: GRPO (method "reinforcement"): LoRA, steps, and the group sampling
+RL_HYPERPARAMETERS: dict[str, tuple[type, Any, float | None, float | None]] = {
+    "learning_rate_multiplier": (float, 1.0, 1e-4, 1000.0),
+    "lora_r": (int, 8, 1, 256),
+    "lora_alpha": (int, 16, 1, 1024),
+    "max_steps": (int, 10, 1, 100_000),
+    "prompts_per_step": (int, 4, 1, 256),
+    "group_size": (int, 8, 2, 64),
+    "max_completion_length": (int, 128, 1, 4096),
+    "temperature": (float, 1.0, 0.1, 2.0),
+    "beta": (float, 0.0, 0.0, 10.0),
+    "checkpoint_every": (int, 10, 0, 1_000_000),
+}
+GRPO_BASE_LEARNING_RATE = 1e-5
+
+
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request (HTTP 409)."""
 
@@ -54,14 +70,15 @@ class NotRunnable(Exception):
     """The job cannot do that in its current state (HTTP 400)."""
 
 
-def _hyperparameters(given: dict | None) -> dict:
+def _hyperparameters(given: dict | None, method: str = "supervised") -> dict:
     """Defaults filled in and every value checked; ValidationError names the parameter."""
     given = dict(given or {})
-    unknown = sorted(set(given) - set(HYPERPARAMETERS))
+    known = HYPERPARAMETERS if method == "supervised" else RL_HYPERPARAMETERS
+    unknown = sorted(set(given) - set(known))
     if unknown:
         raise ValidationError({f"hyperparameters.{unknown[0]}": "unknown hyperparameter"})
     resolved = {}
-    for name, (kind, default, low, high) in HYPERPARAMETERS.items():
+    for name, (kind, default, low, high) in known.items():
         value = given.get(name, default)
         if value == "auto":
             value = default
@@ -132,9 +149,13 @@ def fine_tuning_job_create(
     if method not in FineTuningJob.Method.values:
         raise ValidationError({"method": f"{method!r} is not supervised or reinforcement"})
     if method == FineTuningJob.Method.REINFORCEMENT:
-        raise ValidationError(
-            {"method": "reinforcement fine-tuning is not available on this platform yet"}
-        )
+        from finetune.domains import SUITES
+
+        if grader not in SUITES:
+            raise ValidationError(
+                {"method.reinforcement.grader": f"{grader!r} is not a grader; use one of the "
+                 f"domain suites: {', '.join(sorted(SUITES))}"}
+            )  # fmt: skip
     files = {"training_file": training_file, "validation_file": validation_file}
     resolved_files = {}
     for field, file_id in files.items():
@@ -153,7 +174,7 @@ def fine_tuning_job_create(
         resolved_files[field] = file
     if suffix is not None and (len(suffix) > 40 or not suffix.replace("-", "").isalnum()):
         raise ValidationError({"suffix": "up to 40 letters, digits and dashes"})
-    resolved = _hyperparameters(hyperparameters)
+    resolved = _hyperparameters(hyperparameters, method=method)
     if selectors.fine_tuning_jobs_active_count(tenant=tenant) >= tenant.max_concurrent_jobs:
         raise QuotaExceeded(
             f"tenant {tenant.slug} already runs {tenant.max_concurrent_jobs} fine-tuning jobs"
@@ -294,6 +315,48 @@ class _JobCallbacks:
         return self.stop or None
 
 
+def _tasks(*, tenant, file: File, suite: str) -> list[dict]:
+    """The verifiable tasks of a reinforcement file: each row carries `task`, a
+    `finetune.domains.TaskItem.to_dict()` of the grader's suite."""
+    from finetune.domains import SUITES
+
+    data = vault_selectors.blob_read_bytes(tenant=tenant, blob_id=file.blob_id)
+    families = set(SUITES[suite].families)
+    tasks = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        task = json.loads(line).get("task")
+        if not isinstance(task, dict) or task.get("family") not in families:
+            raise ValueError(
+                f"line {number}: a reinforcement row needs a 'task' of the {suite} suite "
+                f"(families: {', '.join(sorted(families))})"
+            )
+        tasks.append(task)
+    return tasks
+
+
+def _grpo_config(job: FineTuningJob, model_path: str):
+    from finetune.grpo import GRPOConfig
+
+    hp = job.hyperparameters
+    return GRPOConfig(
+        model_path=model_path,
+        lora_r=hp["lora_r"],
+        lora_alpha=hp["lora_alpha"],
+        learning_rate=GRPO_BASE_LEARNING_RATE * hp["learning_rate_multiplier"],
+        max_steps=hp["max_steps"],
+        prompts_per_step=hp["prompts_per_step"],
+        group_size=hp["group_size"],
+        max_completion_length=hp["max_completion_length"],
+        temperature=hp["temperature"],
+        beta=hp["beta"],
+        seed=job.seed,
+        checkpoint_every=hp["checkpoint_every"],
+        log_every=1,
+    )
+
+
 def _sft_config(job: FineTuningJob, model_path: str):
     from finetune.sft import SFTConfig
 
@@ -331,19 +394,30 @@ def fine_tuning_job_run(*, job_id: str) -> bool:
             _event(job, "Resuming from the last checkpoint")
         else:
             _event(job, "Fine-tuning job started")
-        train = _examples(tenant=job.tenant, file=job.training_file)
-        val = None
-        if job.validation_file_id:
+        train = val = None
+        if job.method == FineTuningJob.Method.SUPERVISED:
+            train = _examples(tenant=job.tenant, file=job.training_file)
+        if job.validation_file_id and job.method == FineTuningJob.Method.SUPERVISED:
             val = _examples(tenant=job.tenant, file=job.validation_file)
         callbacks = _JobCallbacks(job)
         try:
-            result = train_sft(
-                _sft_config(job, str(base.path)),
-                train_examples=train,
-                val_examples=val,
-                callbacks=callbacks,
-                resume_state=resume,
-            )
+            if job.method == FineTuningJob.Method.REINFORCEMENT:
+                from finetune.grpo import train_grpo
+
+                result = train_grpo(
+                    _grpo_config(job, str(base.path)),
+                    tasks=_tasks(tenant=job.tenant, file=job.training_file, suite=job.grader),
+                    callbacks=callbacks,
+                    resume_state=resume,
+                )
+            else:
+                result = train_sft(
+                    _sft_config(job, str(base.path)),
+                    train_examples=train,
+                    val_examples=val,
+                    callbacks=callbacks,
+                    resume_state=resume,
+                )
         except jobs.LeaseLost:
             raise
         except Exception as exc:
@@ -359,9 +433,12 @@ def fine_tuning_job_run(*, job_id: str) -> bool:
             _event(job, f"Job paused at step {result.steps}")
             return {"status": LeasedJob.Status.PAUSED, "resume_blob": blob}
         adapter = adapter_create(job=job, files=result.adapter_files)
-        usage_record(tenant=job.tenant, training_tokens=result.trained_tokens)
+        trained = getattr(result, "trained_tokens", 0) or int(
+            result.metrics.get("completion_length", 0) * result.steps
+        )
+        usage_record(tenant=job.tenant, training_tokens=trained)
         _event(job, f"New fine-tuned model created: {adapter.id}")
         _event(job, "The job has successfully completed")
-        return {"fine_tuned_model": adapter.id, "trained_tokens": result.trained_tokens}
+        return {"fine_tuned_model": adapter.id, "trained_tokens": trained}
 
     return jobs.job_run(model=FineTuningJob, job_id=job_id, work=work)
