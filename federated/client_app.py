@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -200,6 +201,7 @@ class NodeTrainer:
             "trained_tokens": int(result.trained_tokens),
             "train_seconds": seconds,
             "steps": int(result.steps),
+            "trainer_pid": os.getpid(),  # the same across rounds: the trainer stays warm
         }
         if config.get("dp-clip") is None and not config.get("secagg"):
             return trained, metrics

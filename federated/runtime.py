@@ -102,6 +102,7 @@ class FederationResult:
     out_dir: str = ""
     setup_seconds: float = 0.0
     run_seconds: float = 0.0
+    restarts: int = 0  # times the SuperLink died and the run was resumed
 
 
 class FederationError(RuntimeError):
@@ -157,8 +158,14 @@ class Processes:
     def __init__(self, log_dir: Path, env: dict[str, str]):
         self.log_dir, self.env = log_dir, env
         self.procs: dict[str, subprocess.Popen] = {}
+        self.argv: dict[str, list[str]] = {}
+
+    def restart(self, name: str) -> subprocess.Popen:
+        self.stop(name)
+        return self.start(name, self.argv[name])
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        self.argv[name] = list(argv)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (kept by the child)
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
@@ -257,6 +264,7 @@ def run_federation(
     work_dir: str | Path | None = None,
     timeout_s: float = 3600.0,
     sim_cpus: int = 1,
+    max_restarts: int = 2,
     on_started=None,
 ) -> FederationResult:
     """Run ``config`` with ``participants`` to the end; see the module docstring.
@@ -265,6 +273,8 @@ def run_federation(
         end (the adapters are in the result and were given to the callbacks).
     timeout_s: the whole run; past it the run is stopped (status "timeout").
     sim_cpus: CPUs Ray may use in simulation (one virtual node trains per CPU at a time).
+    max_restarts: if the SuperLink dies, it is restarted and the run resubmitted (resuming
+        after the last completed round) at most this many times.
     on_started: test hook, called with the Processes (and the SuperLink's port) once the
         run is started, e.g. to kill a SuperNode mid-round.
 
@@ -282,7 +292,10 @@ def run_federation(
         raise ValueError("participant names must be unique")
     callbacks = callbacks or NullCallbacks()
     with _work_dir(work_dir) as work:
-        return _run(config, participants, callbacks, runtime, work, timeout_s, sim_cpus, on_started)
+        return _run(
+            config, participants, callbacks, runtime, work, timeout_s, sim_cpus, max_restarts,
+            on_started,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -299,7 +312,9 @@ def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _run(config, participants, callbacks, runtime, work, timeout_s, sim_cpus, on_started):
+def _run(
+    config, participants, callbacks, runtime, work, timeout_s, sim_cpus, max_restarts, on_started
+):
     t0 = time.perf_counter()
     out_dir, logs, flwr_home = work / "out", work / "logs", work / "flwr-home"
     for d in (out_dir, logs):
@@ -307,6 +322,7 @@ def _run(config, participants, callbacks, runtime, work, timeout_s, sim_cpus, on
     run_file = work / "run.json"
     write_run_file(run_file, config, participants, **{"out-dir": str(out_dir)})
     write_app(work / "app", run_file)
+    (out_dir / "generation").write_text("0")
     env = _env(flwr_home)
     procs = Processes(logs, env)
     port = free_port()
@@ -320,23 +336,49 @@ def _run(config, participants, callbacks, runtime, work, timeout_s, sim_cpus, on
             )  # fmt: skip
             _wait_port(port, link, 60, logs / "superlink.log")
             answer = _flwr(
-                env, "run", str(work / "app"), "enclave",
-                "--federation-config", f"num-supernodes={len(participants)}",
-                "--federation-config", f"init-args-num-cpus={sim_cpus}",
-                "--federation-config", "client-resources-num-cpus=1",
-            )  # fmt: skip
+                env, "run", str(work / "app"), "enclave", *_sim_args(len(participants), sim_cpus)
+            )
         else:
             answer = _start_deployment(config, participants, work, procs, env, port)
         if on_started is not None:
             on_started(procs, port)
         setup = time.perf_counter() - t0
-        result = _follow(out_dir, callbacks, procs, env, answer.get("run-id"), timeout_s)
+
+        def resubmit() -> dict:
+            generation = int((out_dir / "generation").read_text()) + 1
+            (out_dir / "generation").write_text(str(generation))
+            # The SuperLink died: start it again (deployment keeps its state in a database
+            # file, so registered nodes stay registered; SuperNodes reconnect by themselves)
+            # and submit the run again; the ServerApp resumes from the last saved round.
+            link = procs.restart("superlink")
+            _wait_port(port, link, 60, logs / "superlink.log")
+            if runtime == "simulation":
+                return _flwr(
+                    env,
+                    "run",
+                    str(work / "app"),
+                    "enclave",
+                    *_sim_args(len(participants), sim_cpus),
+                )
+            return _flwr(env, "run", str(work / "app"), "enclave")
+
+        result = _follow(
+            out_dir, callbacks, procs, env, answer.get("run-id"), timeout_s, resubmit, max_restarts
+        )
         result.setup_seconds = setup
         result.run_seconds = time.perf_counter() - t0 - setup
         result.out_dir = str(out_dir)
         return result
     finally:
         procs.stop_all()
+
+
+def _sim_args(n_nodes: int, sim_cpus: int) -> list[str]:
+    return [
+        "--federation-config", f"num-supernodes={n_nodes}",
+        "--federation-config", f"init-args-num-cpus={sim_cpus}",
+        "--federation-config", "client-resources-num-cpus=1",
+    ]  # fmt: skip
 
 
 def _start_deployment(config, participants, work, procs, env, port) -> dict:
@@ -378,7 +420,9 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
-def _follow(out_dir, callbacks, procs, env, run_id, timeout_s) -> FederationResult:
+def _follow(
+    out_dir, callbacks, procs, env, run_id, timeout_s, resubmit, max_restarts
+) -> FederationResult:
     from federated.client_app import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     events_path = out_dir / "events.jsonl"
@@ -421,6 +465,10 @@ def _follow(out_dir, callbacks, procs, env, run_id, timeout_s) -> FederationResu
             (out_dir / "stop").touch()
         link = procs.procs.get("superlink")
         if link is not None and link.poll() is not None:
+            if result.restarts < max_restarts:
+                result.restarts += 1
+                run_id = resubmit().get("run-id")
+                continue
             result.status, result.reason = (
                 "failed",
                 f"SuperLink exited: {_tail(procs.log_dir / 'superlink.log')}",

@@ -25,6 +25,7 @@ Events (one JSON object a line): {"event": "start", ...}, {"event": "round", "ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -48,13 +49,32 @@ class RoundFailed(Exception):
         self.reason, self.retry = reason, retry
 
 
+class Superseded(Exception):
+    """A newer submission of this run took over (after a SuperLink restart)."""
+
+
 class EventLog:
-    """Appends one JSON object per line and flushes, so a reader can tail it."""
+    """Appends one JSON object per line and flushes, so a reader can tail it.
+
+    ``out_dir/generation`` (written by federated.runtime before each submission) names the
+    ServerApp that owns the log; one from an earlier submission, still winding down after
+    its SuperLink died, raises Superseded instead of writing.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self.generation_file = path.parent / "generation"
+        self.generation = self._current()
+
+    def _current(self) -> str | None:
+        try:
+            return self.generation_file.read_text().strip()
+        except FileNotFoundError:
+            return None
 
     def write(self, **event: Any) -> None:
+        if self._current() != self.generation:
+            raise Superseded(f"generation {self.generation} was superseded")
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.time(), **event}) + "\n")
 
@@ -102,11 +122,13 @@ class Federation:
     # ---- the run ------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.tensors, self.adapter_config = initial_adapter(self.config)
-        self.events.write(event="start", config=self.config.to_dict())
-        self._save(0)
+        first = self._resume()
+        if first == 1:
+            self.tensors, self.adapter_config = initial_adapter(self.config)
+            self.events.write(event="start", config=self.config.to_dict())
+            self._save(0)
         status, reason = "completed", None
-        for rnd in range(1, self.config.num_rounds + 1):
+        for rnd in range(first, self.config.num_rounds + 1):
             if (self.out_dir / "stop").exists():
                 status, reason = "stopped", "stop requested"
                 break
@@ -124,6 +146,35 @@ class Federation:
             if status != "completed":
                 break
         self.events.write(event="end", status=status, reason=reason)
+
+    def _resume(self) -> int:
+        """After a restart (of the SuperLink, hence of this app), continue from the last
+        round recorded in events.jsonl: its saved adapter, and the privacy spent so far.
+        Returns the first round to run (1 for a fresh run)."""
+        from federated.client_app import ADAPTER_CONFIG
+
+        path = self.events.path
+        done = []
+        if path.exists():
+            events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if any(e["event"] == "end" for e in events):
+                raise RuntimeError(f"{path} records a run that already ended")
+            done = [e for e in events if e["event"] == "round"]
+            if not done and not any(e["event"] == "start" for e in events):
+                return 1
+        else:
+            return 1
+        from safetensors.torch import load_file
+
+        last = self.out_dir / "rounds" / f"{(done[-1]['round'] if done else 0):04d}"
+        self.tensors = load_file(str(last / "adapter_model.safetensors"))
+        self.adapter_config = (last / ADAPTER_CONFIG).read_text()
+        if self.accountant is not None:
+            for _ in done:
+                self.accountant.step()
+        first = (done[-1]["round"] if done else 0) + 1
+        self.events.write(event="resume", round=first)
+        return first
 
     def _round(self, rnd: int, attempt: int) -> None:
         cfg = self.config
@@ -398,6 +449,7 @@ def _train_metrics(msg: Message) -> dict:
         "train_examples": m.get("num-examples"),
         "trained_tokens": m.get("trained_tokens"),
         "train_seconds": m.get("train_seconds"),
+        "trainer_pid": m.get("trainer_pid"),
         **({"dp_clip_factor": m["dp_clip_factor"]} if "dp_clip_factor" in m else {}),
     }
 
@@ -426,8 +478,11 @@ def main(grid: Grid, context: Context) -> None:
     federation = Federation(grid, config, out_dir, run_id=context.run_id)
     try:
         federation.run()
+    except Superseded:
+        return
     except Exception as e:
-        federation.events.write(event="end", status="failed", reason=f"{type(e).__name__}: {e}")
+        with contextlib.suppress(Superseded):
+            federation.events.write(event="end", status="failed", reason=f"{type(e).__name__}: {e}")
         raise
 
 

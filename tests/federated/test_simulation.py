@@ -1,9 +1,12 @@
 """The simulation runtime end to end: Flower's simulation engine (Ray), our ServerApp and
-ClientApp, real SFT on a tiny model, three members with non-IID data."""
+ClientApp, real SFT on a tiny model, three members with non-IID data. The SuperLink is
+killed after round 1: the runtime restarts it and the run resumes at round 2."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 from safetensors.torch import load as load_safetensors
 
@@ -11,13 +14,20 @@ from federated import FederationConfig, ParticipantSpec, run_federation
 
 
 class Recorder:
-    def __init__(self, stop_after: int | None = None):
+    def __init__(self, stop_after: int | None = None, kill_link_after: int | None = None):
         self.rounds: list[tuple[int, dict, dict]] = []
         self.failed: list[tuple[int, str]] = []
         self.stop_after = stop_after
+        self.kill_link_after = kill_link_after
+        self.procs = None
+
+    def started(self, procs, port) -> None:
+        self.procs = procs
 
     def on_round_end(self, round: int, metrics: dict, adapter_files: dict[str, bytes]) -> None:
         self.rounds.append((round, metrics, adapter_files))
+        if round == self.kill_link_after:
+            os.killpg(self.procs.procs["superlink"].pid, signal.SIGKILL)
 
     def on_round_failed(self, round: int, reason: str) -> None:
         self.failed.append((round, reason))
@@ -26,7 +36,7 @@ class Recorder:
         return self.stop_after is not None and len(self.rounds) >= self.stop_after
 
 
-def test_simulation_trains_the_global_adapter_and_reports_each_round(
+def test_simulation_trains_reports_each_round_and_resumes_after_a_superlink_restart(
     fed_model_dir, member_files, tmp_path
 ):
     config = FederationConfig(
@@ -40,7 +50,7 @@ def test_simulation_trains_the_global_adapter_and_reports_each_round(
         eval_generations=1,
         eval_max_new_tokens=8,
     )
-    recorder = Recorder()
+    recorder = Recorder(kill_link_after=1)
     result = run_federation(
         config,
         participants=[ParticipantSpec(**m) for m in member_files],
@@ -48,9 +58,11 @@ def test_simulation_trains_the_global_adapter_and_reports_each_round(
         runtime="simulation",
         work_dir=tmp_path / "run",
         timeout_s=600,
+        on_started=recorder.started,
     )
     assert result.status == "completed", (result.reason, (tmp_path / "run" / "logs").iterdir())
     assert [r for r, _, _ in recorder.rounds] == [1, 2]
+    assert result.restarts == 1  # the SuperLink came back and round 2 ran on the resumed run
     first, last = recorder.rounds[0][1], recorder.rounds[-1][1]
     assert set(first["members"]) == {m["name"] for m in member_files}
     for member in first["members"].values():
