@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,16 @@ def make_checkpoint(config_path: Path, out: Path, layers: int | None, seed: int)
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM: this process's own peak. (ru_maxrss would include the parent's RSS at fork:
+    Linux carries the pre-exec high-water mark into the child.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def worker(
@@ -103,8 +112,7 @@ def worker(
         "weight_bytes": weight_bytes,
         "rss_after_load_bytes": None,
         "rss_load_delta_bytes": None,
-        # ru_maxrss is in KiB on Linux: the peak of this process, imports included.
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": _peak_rss_bytes(),  # this process's peak, imports included
         "threads": torch.get_num_threads(),
     }
     out["rss_after_load_bytes"] = _rss_bytes()
@@ -140,7 +148,12 @@ def bench_config(name: str, args: argparse.Namespace) -> dict:
         tmp = Path(tmp)
         ckpt = tmp / "ckpt"
         t0 = time.perf_counter()
-        make_checkpoint(config_path, ckpt, args.layers, args.seed)
+        # In a subprocess too, so this parent stays small while the sides run.
+        cmd = [sys.executable, __file__, "--make", str(config_path), "--ckpt", str(ckpt)]
+        cmd += ["--seed", str(args.seed)] + (["--layers", str(args.layers)] if args.layers else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"making the checkpoint failed:\n{proc.stderr[-4000:]}")
         make_s = time.perf_counter() - t0
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
@@ -218,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.make:
+        make_checkpoint(args.make, args.ckpt, args.layers, args.seed)
+        return 0
     if args.worker:
         worker(args.worker, args.ckpt, args.tokens, args.repeats, args.threads, args.result)
         return 0
