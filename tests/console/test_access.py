@@ -50,6 +50,12 @@ def test_every_role_reads_every_page(world, role):
     for url in _read_urls(world["home"]):
         response = client.get(url)
         assert response.status_code == 200, (url, response.status_code)
+        # No inline script and nothing from another origin may run on a console page.
+        assert "script-src 'self';" in response["Content-Security-Policy"], url
+    assert (
+        "frame-ancestors 'none'"
+        in Client().get(reverse("console:login"))["Content-Security-Policy"]
+    )
 
 
 def test_anonymous_is_sent_to_login_and_an_outsider_is_refused(world):
@@ -351,3 +357,44 @@ def test_federation_create_invite_accept_start_round(world, base_model):
         )
     )
     assert ("user:foreign-admin", 403) in actions and ("user:admin-user", 302) in actions
+
+
+def test_member_pauses_resumes_and_cancels_a_job(world):
+    job = world["home"].job
+    client = _client(world, "member")
+
+    def act(action: str) -> str:
+        response = client.post(reverse("console:job-action", args=[job.id, action]), follow=True)
+        assert response.status_code == 200
+        job.refresh_from_db()
+        return response.content.decode()
+
+    act("pause")
+    assert job.status == "paused"
+    act("resume")
+    assert job.status == "queued"
+    act("cancel")
+    assert job.status == "cancelled"
+    page = act("resume")  # a finished job cannot: a message, not an error page
+    assert job.status == "cancelled" and "Cannot resume" in page
+    logged = AuditEvent.objects.filter(object_type="fine_tuning.job", object_id=job.id)
+    assert logged.count() == 4 and {e.actor for e in logged} == {"user:member-user"}
+
+
+def test_playground_and_models_list_federated_models_of_own_federations_only(world):
+    from controlplane.federation.models import FederatedRound, GlobalAdapter
+
+    ids = {}
+    for side in ("home", "foreign"):
+        federation = world[side].federation
+        fed_round = FederatedRound.objects.create(
+            federation=federation, number=1, status="succeeded"
+        )
+        ids[side] = f"fed:enclave-test:{federation.id}:r1"
+        GlobalAdapter.objects.create(id=ids[side], federation=federation, round=fed_round)
+    client = _client(world, "member")
+    playground = client.get(reverse("console:playground")).context["model_names"]
+    assert ids["home"] in playground and world["home"].adapter.id in playground
+    assert ids["foreign"] not in playground and world["foreign"].adapter.id not in playground
+    models_page = client.get(reverse("console:models")).content.decode()
+    assert ids["home"] in models_page and ids["foreign"] not in models_page

@@ -4,16 +4,19 @@ from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from . import federations, views
+from .access import csp
 
 app_name = "console"
 
 urlpatterns = [
     path(
         "login/",
-        auth_views.LoginView.as_view(
-            template_name="console/login.html",
-            redirect_authenticated_user=True,
-            next_page="console:dashboard",
+        csp(
+            auth_views.LoginView.as_view(
+                template_name="console/login.html",
+                redirect_authenticated_user=True,
+                next_page="console:dashboard",
+            )
         ),
         name="login",
     ),

@@ -30,6 +30,7 @@ from controlplane.tenancy.services import QuotaExceeded, RateLimited
 from controlplane.tuning import selectors as tuning_selectors
 from controlplane.tuning import services as tuning_services
 from controlplane.tuning.models import FineTuningEvent
+from controlplane.tuning.views import models_visible
 
 from . import access, forms, selectors
 
@@ -126,7 +127,12 @@ def files(request):
                     messages.warning(request, f"{file.filename} was stored but failed validation.")
                 else:
                     messages.success(request, f"{file.filename} uploaded and validated.")
-                return redirect("console:file", file_id=file.id)
+                location = reverse("console:file", kwargs={"file_id": file.id})
+                if request.headers.get("X-Requested-With") == "XMLHttpRequest":
+                    # The progress bar's script navigates itself; a redirect would be
+                    # followed inside the XHR and use up the message above.
+                    return JsonResponse({"location": location}, status=201)
+                return redirect(location)
         status = 400
     else:
         status = 200
@@ -143,10 +149,16 @@ def files(request):
 def file_detail(request, file_id: str):
     file = file_selectors.file_get(tenant=request.principal.tenant, file_id=file_id)
     report = file.validation or {}
+    errors = report.get("errors") or []
     return _render(
         request,
         "file_detail.html",
-        {"file": file, "report": report, "errors": report.get("errors") or []},
+        {
+            "file": file,
+            "report": report,
+            "errors": errors,
+            "n_errors": report.get("n_errors", len(errors)),
+        },
     )
 
 
@@ -320,6 +332,7 @@ def models(request):
         {
             "base_models": tuning_selectors.base_models(),
             "adapters": tuning_selectors.adapters_list(tenant=tenant),
+            "federated": [m for m in models_visible(tenant) if m["id"].startswith("fed:")],
         },
     )
 
@@ -342,9 +355,8 @@ def model_delete(request):
 @require_GET
 @access.console_view()
 def playground(request):
-    tenant = request.principal.tenant
-    names = [m.name for m in tuning_selectors.base_models()]
-    names += [a.id for a in tuning_selectors.adapters_list(tenant=tenant)]
+    # Base models, the tenant's adapters and its federations' global models, as /v1/models.
+    names = [m["id"] for m in models_visible(request.principal.tenant)]
     return _render(
         request,
         "playground.html",

@@ -42,7 +42,9 @@
     usageEl.textContent = "Streaming…";
     controller = new AbortController();
     let text = "";
+    let deltas = 0;
     try {
+      const seed = form.seed.value.trim();
       const response = await fetch(form.dataset.streamUrl, {
         method: "POST",
         headers: { "Content-Type": "application/json", "X-CSRFToken": csrf, Accept: "text/event-stream" },
@@ -51,6 +53,7 @@
           messages: messages.concat(history),
           max_tokens: parseInt(form.max_tokens.value, 10) || 64,
           temperature: parseFloat(form.temperature.value),
+          seed: seed === "" ? null : parseInt(seed, 10),
         }),
         signal: controller.signal,
       });
@@ -70,7 +73,12 @@
           const line = buffer.slice(0, cut).replace(/^data: /, "");
           buffer = buffer.slice(cut + 2);
           const event = JSON.parse(line);
-          if (event.delta) { text += event.delta; answer.textContent = text; }
+          if (event.delta) {
+            text += event.delta;
+            answer.textContent = text;
+            deltas += 1;
+            answer.dataset.deltas = String(deltas);
+          }
           if (event.error) throw new Error(event.error);
           if (event.usage) {
             const u = event.usage;

@@ -26,9 +26,9 @@
       status.textContent = "Validating…";
     });
     xhr.addEventListener("load", function () {
-      // Success redirects to the file's page (validation results); errors re-render the form.
-      if (xhr.status < 400 && xhr.responseURL && xhr.responseURL !== window.location.href) {
-        window.location.assign(xhr.responseURL);
+      // Success names the file's page (validation results); errors re-render the form.
+      if (xhr.status === 201) {
+        window.location.assign(JSON.parse(xhr.responseText).location);
       } else {
         document.open();
         document.write(xhr.responseText);
