@@ -120,3 +120,29 @@ def test_deployment_with_tls_and_node_auth_survives_a_killed_member(
     assert not cb.probe["plain_reply"].startswith(b"HTTP/1.1 2")
     assert "Failed to activate SuperNode" in cb.probe["rogue_log"], cb.probe["rogue_log"][-2000:]
     assert "SuperNode ID" not in cb.probe["rogue_log"]
+
+
+def test_cli_makes_a_server_certificate_the_ca_signs_and_a_private_node_key(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    run = [sys.executable, "-m", "federated"]
+    subprocess.run([*run, "certs", "--out", str(tmp_path / "s"), "--host", "10.1.2.3",
+                    "--host", "link.example.org"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run([*run, "node-key", "--out", str(tmp_path / "n"), "--name", "bank-a"],
+                   check=True, capture_output=True)  # fmt: skip
+    ca = x509.load_pem_x509_certificate((tmp_path / "s" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "s" / "server.crt").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert sans.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    key = load_ssh_private_key((tmp_path / "n" / "bank-a").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    for private in (tmp_path / "s" / "server.key", tmp_path / "n" / "bank-a"):
+        assert private.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "n" / "bank-a.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    bad = subprocess.run([*run, "node", "--superlink", "127.0.0.1:1", "--insecure"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "exactly one of --data, --data-provider" in bad.stderr
