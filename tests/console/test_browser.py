@@ -324,7 +324,9 @@ def test_roles_in_the_browser(browser, console_url, people):
 def test_federation_created_joined_and_its_round_queued(
     browser, console_url, people, base_model, django_user_model
 ):
-    from controlplane.federation.models import FederatedRound
+    from django.utils import timezone
+
+    from controlplane.federation.models import FederatedRound, Federation
     from controlplane.tenancy.services import membership_set
 
     home, foreign = people["home"], people["foreign"]
@@ -365,5 +367,27 @@ def test_federation_created_joined_and_its_round_queued(
     expect(rounds.first).to_contain_text("queued")
     owner.wait_for_function("() => document.getElementById('federation').dataset.rounds === '0'")
     assert FederatedRound.objects.get().number == 1
+
+    # Running a Flower round takes minutes (tests/controlplane/test_federations_api.py
+    # does it); here the rounds end as the round worker would end them, and the open
+    # page's chart and table follow without a manual reload.
+    def finish(number: int, loss: float, accuracy: float, epsilon: float) -> None:
+        FederatedRound.objects.filter(federation__name="Sepsis early warning", number=number).update(
+            status="succeeded", finished_at=timezone.now(), epsilon=epsilon,
+            members=["northbank", "stmarys"],
+            metrics={"train_loss": loss, "val_loss": loss + 0.2, "accuracy": accuracy,
+                     "epsilon": epsilon},
+        )  # fmt: skip
+        Federation.objects.filter(name="Sepsis early warning").update(epsilon_spent=epsilon)
+
+    finish(1, 2.9, 0.31, 0.8)
+    owner.wait_for_function("() => document.getElementById('federation').dataset.rounds === '1'")
+    expect(rounds.first).to_contain_text("succeeded")
+    owner.get_by_role("button", name="Start the next round now").click()
+    expect(rounds.first).to_contain_text("queued")
+    finish(2, 2.2, 0.47, 1.3)
+    owner.wait_for_function("() => document.getElementById('federation').dataset.rounds === '2'")
+    expect(owner.locator("#epsilon-spent")).to_contain_text("1.300")
+    expect(rounds).to_have_count(2)
     owner.screenshot(path=str(SCREENSHOTS / "federation.png"), full_page=True)
     _close(owner)

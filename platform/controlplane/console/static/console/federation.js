@@ -8,7 +8,7 @@
   function chart(el, series) {
     return new uPlot({
       width: width(el), height: 200, scales: { x: { time: false } },
-      axes: [{ label: "round" }, {}], series: [{ label: "round" }].concat(series),
+      axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100] }, {}], series: [{ label: "round" }].concat(series),
     }, [[]].concat(series.map(function () { return []; })), el);
   }
   const roundsEl = document.getElementById("chart-rounds");

@@ -15,7 +15,7 @@
     const opts = {
       width: width(el), height: 220,
       scales: { x: { time: false } },
-      axes: [{ label: "step" }, {}],
+      axes: [{ label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000] }, {}],
       series: [{ label: "step" }].concat(series),
     };
     return new uPlot(opts, [[]].concat(series.map(function () { return []; })), el);
