@@ -285,6 +285,11 @@ def test_audit_filter_and_csv(world):
     assert lines[0].startswith("created_at,actor,action")
     assert len(lines) == 2 and "user:admin-user" in lines[1]
     assert "attachment" in response["Content-Disposition"]
+    # A value a spreadsheet would run as a formula is exported as text.
+    audit_event_record(tenant=home.tenant, actor="user:x", action="POST", object_id="=HYPERLINK(1)")
+    response = client.get(reverse("console:audit-csv"), {"actor": "user:x"})
+    body = b"".join(response.streaming_content).decode()
+    assert ",'=HYPERLINK(1)," in body and ",=HYPERLINK" not in body
 
 
 def test_progress_json_returns_metric_points_after_a_cursor(world):

@@ -321,7 +321,7 @@ def test_roles_in_the_browser(browser, console_url, people):
     _close(page)
 
 
-def test_federation_created_joined_and_its_round_queued(
+def test_federation_created_joined_and_its_rounds_charted(
     browser, console_url, people, base_model, django_user_model
 ):
     from django.utils import timezone

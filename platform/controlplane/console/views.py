@@ -592,6 +592,12 @@ class _Echo:
         return value
 
 
+def _cell(value) -> str:
+    """A CSV cell a spreadsheet will not run as a formula (OWASP's CSV injection advice)."""
+    text = "" if value is None else str(value)
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 @require_GET
 @access.console_view()
 def audit_csv(request):
@@ -604,8 +610,8 @@ def audit_csv(request):
         yield writer.writerow(header)
         for e in events.iterator(chunk_size=1000):
             yield writer.writerow(
-                [e.created_at.isoformat(), e.actor, e.action, e.object_type, e.object_id,
-                 e.status_code if e.status_code is not None else "", e.request_id]
+                [_cell(v) for v in (e.created_at.isoformat(), e.actor, e.action, e.object_type,
+                                    e.object_id, e.status_code, e.request_id)]
             )  # fmt: skip
 
     response = StreamingHttpResponse(rows(), content_type="text/csv; charset=utf-8")
