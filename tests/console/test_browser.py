@@ -317,7 +317,6 @@ def test_roles_in_the_browser(browser, console_url, people):
     expect(page.get_by_role("heading", level=1)).to_have_text("North Bank")
     page.goto("/console/files/")
     assert "ledger.jsonl" in page.content() and mine.id not in page.content()
-    page.screenshot(path=str(SCREENSHOTS / "files.png"))
     _close(page)
 
 
