@@ -121,6 +121,8 @@ def start_worker(process_env, tmp_path):
     yield start
     for worker in started:
         worker.stop()
+        # Shown by pytest only when the test failed: what the worker was doing.
+        print(f"---- {worker.name} log (tail) ----\n{worker.log_text()[-4000:]}")
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def test_federation_lifecycle_with_consent_and_schedule(consortium, base_model):
         "min_participants": 3, "training_file": owner.upload(),
         "settings": {"aggregation": "ffa", "lora_r": 4, "secure_aggregation": True,
                      "dp": {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5,
-                            "epsilon_budget": 8.0}},
+                            "max_epsilon": 8.0}},
     })  # fmt: skip
     assert created.status_code == 200, created.text
     fed = created.json()
@@ -189,3 +189,17 @@ def test_a_federated_round_runs_end_to_end_and_members_chat_with_the_result(
     assert current["global_model"] not in {
         m["id"] for m in outsider("GET", "/models").json()["data"]
     }
+
+
+def test_a_round_past_the_privacy_budget_is_refused(consortium, base_model):
+    owner = consortium["st-anne"]
+    fed = owner("POST", "/federations", json={
+        "name": "tight budget", "base_model": base_model, "min_participants": 1,
+        "training_file": owner.upload(),
+        "settings": {"dp": {"clip_norm": 1.0, "noise_multiplier": 0.3, "delta": 1e-5,
+                            "max_epsilon": 1.0}},
+    }).json()  # fmt: skip
+    refused = owner("POST", f"/federations/{fed['id']}/rounds")
+    assert refused.status_code == 409
+    assert "privacy budget" in refused.json()["error"]["message"]
+    assert FederatedRound.objects.count() == 0

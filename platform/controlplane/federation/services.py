@@ -224,11 +224,9 @@ def _accountant(federation: Federation):
         return None
     from federated.privacy import PrivacyAccountant
 
-    return PrivacyAccountant(
-        noise_multiplier=dp.get("noise_multiplier", 1.0),
-        delta=dp.get("delta", 1e-5),
-        epsilon_budget=dp.get("epsilon_budget", 10.0),
-    )
+    from federated.privacy import DPConfig
+
+    return PrivacyAccountant(DPConfig(**dp))
 
 
 def round_start(*, federation: Federation) -> FederatedRound:
