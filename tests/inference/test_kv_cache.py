@@ -77,6 +77,11 @@ def test_out_of_blocks_preempts_and_recomputes_never_fails(model_dir):
             assert out.token_ids == greedy_reference(eng.model, p, 40)
         # A request that alone outgrows the whole cache ends "length", not an error.
         long = eng.generate(
-            [Request(prompt_token_ids=[5] * 90, sampling=SamplingParams(max_tokens=30))]
+            [
+                Request(
+                    prompt_token_ids=[5] * 90,
+                    sampling=SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+                )
+            ]
         )[0]
         assert long.finish_reason == "length" and 0 < long.usage.completion_tokens < 30
