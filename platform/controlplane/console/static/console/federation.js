@@ -19,7 +19,6 @@
     { label: "accuracy", stroke: "#1d7a46", width: 2 },
   ]);
   const eps = chart(epsEl, [{ label: "ε", stroke: "#5a2ca0", width: 2 }]);
-  let wasBusy = null;
   async function poll() {
     let busy = false;
     try {
@@ -33,9 +32,11 @@
         eps.setData([x, pick("epsilon")]);
         root.dataset.rounds = String(done.length);
         busy = data.busy;
-        // A round just finished: reload once so the table shows it.
-        if (wasBusy === true && !busy) { window.location.reload(); return; }
-        wasBusy = busy;
+        // A round started or ended since the page was rendered: reload for the table.
+        const now = data.rounds.slice().reverse().slice(0, 100).map(function (r) {
+          return r.number + ":" + r.status + ";";
+        }).join("");
+        if (now !== root.dataset.rendered) { window.location.reload(); return; }
       }
     } catch (e) { /* transient */ }
     window.setTimeout(poll, busy ? 2000 : 10000);
