@@ -403,3 +403,28 @@ def test_playground_and_models_list_federated_models_of_own_federations_only(wor
     assert ids["foreign"] not in playground and world["foreign"].adapter.id not in playground
     models_page = client.get(reverse("console:models")).content.decode()
     assert ids["home"] in models_page and ids["foreign"] not in models_page
+
+
+def test_federation_with_differential_privacy_shows_its_budget(world, base_model):
+    from controlplane.federation.models import Federation
+
+    owner = _client(world, "admin")
+    form = {
+        "name": "Private", "base_model": base_model, "training_file": world["home"].file.id,
+        "min_participants": 1, "aggregation": "fedavg", "local_steps": 1, "lora_r": 2,
+        "dp_noise_multiplier": 1.1,
+    }  # fmt: skip
+    response = owner.post(reverse("console:federations"), form)
+    assert response.status_code == 400 and "needs a clip norm" in response.content.decode()
+    response = owner.post(
+        reverse("console:federations"), {**form, "dp_clip_norm": 1.0, "dp_max_epsilon": 8}
+    )
+    assert response.status_code == 302, response.content.decode()[-1500:]
+    federation = Federation.objects.get(name="Private")
+    assert federation.settings["dp"] == {
+        "noise_multiplier": 1.1,
+        "clip_norm": 1.0,
+        "max_epsilon": 8,
+    }
+    page = owner.get(response["Location"]).content.decode()
+    assert "0.000 of 8" in page

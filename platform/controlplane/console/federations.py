@@ -67,6 +67,12 @@ class FederationCreateForm(forms.Form):
         self.fields["base_model"].choices = [(m.name, m.name) for m in base_models()]
         self.fields["training_file"].choices = [("", "None (on premises)")] + _usable_files(tenant)
 
+    def clean(self):
+        data = super().clean()
+        if data.get("dp_noise_multiplier") is not None and data.get("dp_clip_norm") is None:
+            self.add_error("dp_clip_norm", "Differential privacy needs a clip norm.")
+        return data
+
     def settings(self) -> dict:
         data = self.cleaned_data
         settings = {
