@@ -216,7 +216,7 @@ def add_grpo(subparsers) -> None:
 
 
 def run_grpo(args: argparse.Namespace) -> int:
-    from finetune.domains import SUITES
+    from finetune.evaluate import suite_items
     from finetune.grpo import GRPOConfig, train_grpo
     from finetune.lora import CONFIG_NAME, WEIGHTS_NAME
     from finetune.sft import parse_overrides
@@ -249,7 +249,7 @@ def run_grpo(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"grpo: cannot read the initial adapter: {e}", file=sys.stderr)
             return 2
-    tasks = SUITES[args.suite].generate(args.n, args.task_seed)
+    tasks = suite_items(args.suite, args.n, args.task_seed)
     _set_threads(args.threads)
     callbacks = CliCallbacks(_metrics_path(args), args.steps, "grpo")
     try:

@@ -56,7 +56,7 @@ def evaluate_suite(
         raise KeyError(f"unknown suite {suite!r}; choose from {sorted(SUITES)}")
     if n < 1 or chunk < 1:
         raise ValueError("n and chunk must be at least 1")
-    items = SUITES[suite].generate(n, seed)
+    items = suite_items(suite, n, seed)
     own = engine is None
     if own:
         engine = Engine(model_dir, max_batch_tokens=2048)
@@ -113,6 +113,26 @@ def evaluate_suite(
         "elapsed_s": round(elapsed, 2),
         "per_family": per_family,
     }
+
+
+def suite_items(suite: str, n: int, seed: int) -> list:
+    """``n`` items of ``SUITES[suite]`` for ``seed``, as ``Suite.generate`` makes them, except
+    that a draw whose generator raises ZeroDivisionError (finance's balance sheet can draw a
+    zero denominator) is replaced by the next index, so one bad draw cannot end a run."""
+    from finetune.domains import SUITES
+
+    s = SUITES[suite]
+    items, index = [], 0
+    while len(items) < n:
+        family = s.families[len(items) % len(s.families)]
+        try:
+            items.append(s.item(index, seed, family))
+        except ZeroDivisionError:
+            pass
+        index += 1
+        if index > 10 * n + 100:
+            raise RuntimeError(f"suite {suite!r} keeps failing to draw items for seed {seed}")
+    return items
 
 
 def _ratio(num: float, den: int) -> float:

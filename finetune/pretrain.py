@@ -26,6 +26,7 @@ Nothing is downloaded. The same config, seed and thread count give the same weig
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -101,26 +102,40 @@ def model_config(config: PretrainConfig):
 
 
 def documents(corpus_seed: int, chat_share: float) -> Iterator[str]:
-    """The pre-training stream: ``generate_corpus`` documents, endless, with only
-    ``chat_share`` of its task chats kept (a seeded coin per chat).
+    """The pre-training stream, endless: ``generate_corpus`` documents, with each of its task
+    chats replaced, with probability ``chat_share``, by a chat of our own (else dropped).
 
-    Non-chat documents get the bos/eos tokens the chats already carry, so every document
-    starts with <|bos|> and ends with <|end|>, as served conversations do.
+    Ours cycle through both suites and every family in turn: ``generate_corpus`` picks the
+    suite and the item index in lockstep (slot i % 5, family i % 4), so it only ever holds
+    two of the four families of each suite. Non-chat documents get the bos/eos tokens the
+    chats carry, so every document starts with <|bos|> and ends with <|end|>, as served
+    conversations do.
     """
     from finetune.corpus import generate_corpus
-    from finetune.tokenizer import BOS, EOS
+    from finetune.domains import SUITES
+    from finetune.tokenizer import BOS, EOS, render_chat
 
     rng = random.Random(f"pretrain-docs:{corpus_seed}")
+    suites = [SUITES[name] for name in sorted(SUITES)]
+    chats = 0
     # generate_corpus fixes its length up front; a long run asks for blocks of documents
     # from successive seeds, so the stream never repeats itself.
     block = 0
     while True:
         for text in generate_corpus(corpus_seed + 1000 * block, 10_000):
-            if text.startswith(BOS):
-                if rng.random() < chat_share:
-                    yield text
-            else:
+            if not text.startswith(BOS):
                 yield f"{BOS}{text}{EOS}"
+            elif rng.random() < chat_share:
+                suite = suites[chats % len(suites)]
+                family = suite.families[(chats // len(suites)) % len(suite.families)]
+                chats += 1
+                try:
+                    item = suite.item(chats, corpus_seed, family)
+                except ZeroDivisionError:
+                    # finance's balance-sheet generator can draw a zero denominator; that
+                    # draw is skipped rather than ending the run.
+                    continue
+                yield render_chat(item.sft_messages())
         block += 1
 
 
@@ -219,7 +234,11 @@ def train_pretrain(
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy2(Path(config.tokenizer_dir) / name, work / name)
     else:
-        train_tokenizer(work, seed=config.corpus_seed, n_docs=config.tokenizer_docs)
+        # Trained on the same stream the model reads (all task families included).
+        texts = itertools.islice(
+            documents(config.corpus_seed, config.chat_share), config.tokenizer_docs
+        )
+        train_tokenizer(work, texts=texts)
     tokenizer = load_tokenizer(work)
     mconfig = model_config(config)
     if len(tokenizer) > mconfig.vocab_size:

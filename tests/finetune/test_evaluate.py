@@ -78,3 +78,16 @@ def test_unknown_suite_and_bad_n():
         evaluate_suite("unused", "law", n=4, engine=object())
     with pytest.raises(ValueError):
         evaluate_suite("unused", "finance", n=0, engine=object())
+
+
+def test_suite_items_matches_generate_and_keeps_families_in_turn():
+    from finetune.evaluate import suite_items
+
+    items = suite_items("medical", 12, EVAL_SEED)
+    assert [i.id for i in items] == [i.id for i in SUITES["medical"].generate(12, EVAL_SEED)]
+    # Finance seed 2 holds a balance sheet with a zero denominator in its first 512 draws;
+    # suite_items still returns 512 distinct items with the families taking turns.
+    finance = suite_items("finance", 512, 2)
+    assert len({i.id for i in finance}) == 512
+    families = SUITES["finance"].families
+    assert [i.family for i in finance[:8]] == [*families, *families]

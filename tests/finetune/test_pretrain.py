@@ -146,6 +146,20 @@ def test_documents_mix_and_framing():
     share = len(chats) / len(sample)
     assert 0.15 < share < 0.35, share
     assert any("<answer>" in d for d in chats)
+    # Every family of both suites is in the stream (generate_corpus alone holds only two
+    # per suite), judged by each family's own question wording.
+    openings = [
+        "A loan of",
+        "is deposited at",
+        "Balance sheet of",
+        "Headline:",
+        "A patient weighing",
+        "An adult weighs",
+        "serum creatinine",
+        "presents with",
+    ]
+    for opening in openings:
+        assert any(opening in d for d in chats), opening
 
 
 def test_bad_override_is_a_value_error(tmp_path):
