@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 test: lint
+	bash tests/console/install_browser.sh $(PY)
 	$(PY) -m pytest
 
 demo: $(STAMP)

@@ -118,9 +118,36 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+# ---- security defaults ------------------------------------------------------------------
+# Cookies are Secure by default (browsers accept them on http://localhost too); a plain-HTTP
+# deployment that is not on localhost must opt out with ENCLAVE_SECURE_COOKIES=false.
+SESSION_COOKIE_SECURE = env.bool("ENCLAVE_SECURE_COOKIES", default=True)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = True  # the console reads the token from the form, not the cookie
+SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_AGE = env.int("ENCLAVE_SESSION_SECONDS", default=8 * 3600)
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+# HSTS is sent on HTTPS responses only (Django's SecurityMiddleware decides per request).
+SECURE_HSTS_SECONDS = env.int("ENCLAVE_HSTS_SECONDS", default=31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+if env.bool("ENCLAVE_BEHIND_TLS_PROXY", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+# Console logins: at most this many failures per user name and per address in 15 minutes.
+ENCLAVE_LOGIN_FAILURES_ALLOWED = env.int("ENCLAVE_LOGIN_FAILURES_ALLOWED", default=5)
+LOGIN_URL = "console:login"
+LOGIN_REDIRECT_URL = "console:dashboard"
+LOGOUT_REDIRECT_URL = "console:login"
+
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 STATIC_ROOT.mkdir(exist_ok=True)
+# Serve app static files without collectstatic (make demo never runs it).
+WHITENOISE_USE_FINDERS = True
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},

@@ -428,3 +428,19 @@ def test_federation_with_differential_privacy_shows_its_budget(world, base_model
     }
     page = owner.get(response["Location"]).content.decode()
     assert "0.000 of 8" in page
+
+
+def test_console_login_is_rate_limited(db, settings):
+    from django.contrib.auth import get_user_model
+
+    settings.ENCLAVE_LOGIN_FAILURES_ALLOWED = 3
+    get_user_model().objects.create_user("nurse-rl", password="correct horse battery")
+    client = Client(REMOTE_ADDR="10.0.0.7")  # not 127.0.0.1: other tests log in from there
+    url = reverse("console:login")
+    for _ in range(3):
+        wrong = client.post(url, {"username": "nurse-rl", "password": "wrong"})
+        assert wrong.status_code == 200  # the form again, with an error
+    blocked = client.post(url, {"username": "nurse-rl", "password": "correct horse battery"})
+    assert blocked.status_code == 429 and int(blocked["Retry-After"]) > 0
+    other = Client(REMOTE_ADDR="10.0.0.9").post(url, {"username": "someone-else", "password": "x"})
+    assert other.status_code == 200  # another user from another address is not blocked

@@ -5,6 +5,7 @@ from django.urls import path
 
 from . import federations, views
 from .access import csp
+from .login import ThrottledLoginView
 
 app_name = "console"
 
@@ -12,7 +13,7 @@ urlpatterns = [
     path(
         "login/",
         csp(
-            auth_views.LoginView.as_view(
+            ThrottledLoginView.as_view(
                 template_name="console/login.html",
                 redirect_authenticated_user=True,
                 next_page="console:dashboard",
