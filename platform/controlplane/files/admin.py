@@ -17,3 +17,6 @@ class FileAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # deleting goes through file_delete, which crypto-shreds the blob

@@ -16,6 +16,9 @@ class TenantAdmin(admin.ModelAdmin):
     search_fields = ["slug", "name"]
     inlines = [MembershipInline]
 
+    def has_delete_permission(self, request, obj=None):
+        return False  # erasure is `manage.py delete_tenant`, which crypto-shreds first
+
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
@@ -25,10 +28,27 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_filter = ["role", "tenant"]
     fields = ["prefix", "tenant", "role", "name", "created_at", "expires_at", "revoked_at",
               "last_used_at"]  # fmt: skip
-    readonly_fields = ["prefix", "tenant", "role", "created_at", "last_used_at"]
+    readonly_fields = ["prefix", "tenant", "role", "name", "created_at", "expires_at",
+                       "revoked_at", "last_used_at"]  # fmt: skip
+    actions = ["revoke"]
 
     def has_add_permission(self, request):
         return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # revoke instead: the row stays for the audit trail
+
+    @admin.action(description="Revoke the selected keys")
+    def revoke(self, request, queryset):
+        from controlplane.audit.services import audit_event_record
+        from controlplane.tenancy.services import api_key_revoke
+
+        for key in queryset:
+            api_key_revoke(key=key)
+            audit_event_record(
+                tenant=key.tenant, actor=f"staff:{request.user.get_username()}",
+                action="admin revoke api key", object_type="api_key", object_id=key.prefix,
+            )  # fmt: skip
 
 
 @admin.register(DailyUsage)
@@ -42,3 +62,6 @@ class DailyUsageAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # billing records
