@@ -88,7 +88,8 @@ class FederationResult:
     """How a run ended.
 
     status: "completed", "stopped", "failed", "budget_exhausted" (DP) or "timeout".
-    rounds: the metrics of every completed round, in order.
+    rounds: the metrics of every round this call completed, in order (a resumed run
+        continues after the rounds an earlier call completed in the same work_dir).
     failures: [{"round", "reason", "retry"}] for every failed attempt.
     adapter_files: the last global adapter (PEFT files); the initial one if no round ran.
     out_dir: where events.jsonl and rounds/NNNN/ are (removed with a temporary work_dir).
@@ -270,7 +271,9 @@ def run_federation(
     """Run ``config`` with ``participants`` to the end; see the module docstring.
 
     work_dir: where the run's files go (kept); default a temporary directory, removed at the
-        end (the adapters are in the result and were given to the callbacks).
+        end (the adapters are in the result and were given to the callbacks). Calling again
+        with the work_dir of a stopped, failed or timed-out run resumes it after its last
+        completed round (the retry path for the control plane).
     timeout_s: the whole run; past it the run is stopped (status "timeout").
     sim_cpus: CPUs Ray may use in simulation (one virtual node trains per CPU at a time).
     max_restarts: if the SuperLink dies, it is restarted and the run resubmitted (resuming
@@ -322,7 +325,13 @@ def _run(
     run_file = work / "run.json"
     write_run_file(run_file, config, participants, **{"out-dir": str(out_dir)})
     write_app(work / "app", run_file)
-    (out_dir / "generation").write_text("0")
+    # A work_dir that holds an unfinished run (stopped, failed, timed out) is resumed after
+    # its last completed round; the generation fences off any ServerApp of the old one.
+    generation_file = out_dir / "generation"
+    previous = int(generation_file.read_text()) if generation_file.exists() else -1
+    generation_file.write_text(str(previous + 1))
+    events_path = out_dir / "events.jsonl"
+    offset = events_path.stat().st_size if events_path.exists() else 0
     env = _env(flwr_home)
     procs = Processes(logs, env)
     port = free_port()
@@ -363,8 +372,9 @@ def _run(
             return _flwr(env, "run", str(work / "app"), "enclave")
 
         result = _follow(
-            out_dir, callbacks, procs, env, answer.get("run-id"), timeout_s, resubmit, max_restarts
-        )
+            out_dir, callbacks, procs, env, answer.get("run-id"), timeout_s, resubmit, max_restarts,
+            offset,
+        )  # fmt: skip
         result.setup_seconds = setup
         result.run_seconds = time.perf_counter() - t0 - setup
         result.out_dir = str(out_dir)
@@ -421,14 +431,13 @@ def _safe(name: str) -> str:
 
 
 def _follow(
-    out_dir, callbacks, procs, env, run_id, timeout_s, resubmit, max_restarts
+    out_dir, callbacks, procs, env, run_id, timeout_s, resubmit, max_restarts, offset=0
 ) -> FederationResult:
     from federated.client_app import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     events_path = out_dir / "events.jsonl"
     result = FederationResult(status="running")
     deadline = time.monotonic() + timeout_s
-    offset = 0
     last_adapter: Path | None = None
     while True:
         if events_path.exists():
@@ -442,6 +451,9 @@ def _follow(
                 kind = event["event"]
                 if kind == "start":
                     last_adapter = out_dir / "rounds" / "0000"
+                elif kind == "resume":
+                    previous = event["round"] - 1
+                    last_adapter = out_dir / "rounds" / f"{previous:04d}"
                 elif kind == "round":
                     last_adapter = Path(event["adapter_dir"])
                     files = {

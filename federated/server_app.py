@@ -157,8 +157,12 @@ class Federation:
         done = []
         if path.exists():
             events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if any(e["event"] == "end" for e in events):
-                raise RuntimeError(f"{path} records a run that already ended")
+            ends = [e for e in events if e["event"] == "end"]
+            if ends and ends[-1]["status"] == "completed":
+                raise RuntimeError(f"{path} records a run that already completed")
+            # A stopped, failed or timed-out run is resumed: the control plane retries a
+            # federation by running it again in the same work_dir.
+            (self.out_dir / "stop").unlink(missing_ok=True)
             done = [e for e in events if e["event"] == "round"]
             if not done and not any(e["event"] == "start" for e in events):
                 return 1

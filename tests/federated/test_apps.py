@@ -236,3 +236,31 @@ def test_evaluate_scores_suite_tasks_by_reward(fed_model_dir, member_files):
     assert metrics["val_loss"] > 0 and metrics["num-examples"] == 2
     again = trainer.evaluate(tensors, config)  # the warm model, adapter reloaded in place
     assert again["val_loss"] == pytest.approx(metrics["val_loss"])
+
+
+def test_a_stopped_run_resumes_after_its_last_round_in_the_same_directory(
+    fed_model_dir, member_files, tmp_path
+):
+    grid = _grid(member_files)
+    original = grid.send_and_receive
+
+    def stop_during_round_1(messages, *, timeout=None):
+        (tmp_path / "stop").touch()  # what should_stop() does through federated.runtime
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = stop_during_round_1
+    Federation(grid, _config(fed_model_dir, num_rounds=2), tmp_path).run()
+    assert _events(tmp_path)[-1]["status"] == "stopped"
+    after_round_1 = _adapter(tmp_path, 1)
+
+    Federation(_grid(member_files), _config(fed_model_dir, num_rounds=2), tmp_path).run()
+    events = _events(tmp_path)
+    assert [e["round"] for e in events if e["event"] == "round"] == [1, 2]
+    assert any(e["event"] == "resume" and e["round"] == 2 for e in events)
+    assert events[-1]["status"] == "completed"
+    assert not torch.equal(
+        after_round_1["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"],
+        _adapter(tmp_path, 2)["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"],
+    )
+    with pytest.raises(RuntimeError, match="already completed"):
+        Federation(_grid(member_files), _config(fed_model_dir, num_rounds=2), tmp_path).run()
