@@ -63,6 +63,9 @@ class FederationConfig:
     secure_aggregation: bool = False  # the server learns only the sum (federated.secagg)
     secagg_clip: float = 8.0  # fixed-point range of each masked coordinate (|value| <= clip)
     dp: DPConfig | None = None  # client-side clip + noise; the server refuses rounds past budget
+    # Continue from an earlier global adapter (a PEFT directory) instead of a fresh one: the
+    # control plane runs each scheduled round as its own run, starting from the last one.
+    initial_adapter: str | None = None
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)

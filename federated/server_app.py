@@ -80,9 +80,19 @@ class EventLog:
 
 
 def initial_adapter(config: FederationConfig) -> tuple[dict, str]:
-    """(tensors, adapter_config.json text) of a fresh adapter: A random by ``seed``, B zero,
-    so every member starts from the same point and round 0 is the base model."""
+    """(tensors, adapter_config.json text) of the run's starting adapter: the PEFT directory
+    ``config.initial_adapter`` when given (a federation continuing from its last round),
+    else a fresh one: A random by ``seed``, B zero, so every member starts from the same
+    point and round 0 is the base model."""
     import torch
+
+    if config.initial_adapter:
+        from finetune import lora as peft_files
+
+        directory = Path(config.initial_adapter)
+        files = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+        _, tensors = peft_files.read_adapter_files(files)
+        return tensors, files["adapter_config.json"].decode()
 
     import inference
     from finetune import lora

@@ -173,6 +173,11 @@ CACHES = {"default": env.cache_url("CACHE_URL", default=f"filecache://{VAR_DIR /
 # ENCLAVE_MASTER_KEY or ENCLAVE_MASTER_KEY_FILE, never from settings (see the vault package).
 ENCLAVE_VAULT_DIR = env.str("ENCLAVE_VAULT_DIR", default="") or None  # None: VAR_DIR/vault
 ENCLAVE_VAULT_CHUNK_BYTES = env.int("ENCLAVE_VAULT_CHUNK_BYTES", default=1024 * 1024)
+# Federated rounds: "simulation" (Flower's simulation runtime, the embedded default) or
+# "deployment" (a SuperLink with TLS and one authenticated SuperNode per hosted member).
+ENCLAVE_FEDERATION_RUNTIME = env.str("ENCLAVE_FEDERATION_RUNTIME", default="simulation")
+if ENCLAVE_FEDERATION_RUNTIME not in ("simulation", "deployment"):
+    raise ValueError("ENCLAVE_FEDERATION_RUNTIME must be simulation or deployment")
 # Base models: every directory under here with a config.json and safetensors weights.
 ENCLAVE_MODELS_DIR = Path(env.str("ENCLAVE_MODELS_DIR", default=str(REPO_DIR / "models")))
 # The serving engine hosted in each web process (inference.Engine), one per base model.

@@ -222,9 +222,7 @@ def _accountant(federation: Federation):
     dp = federation.settings.get("dp")
     if not dp:
         return None
-    from federated.privacy import PrivacyAccountant
-
-    from federated.privacy import DPConfig
+    from federated.privacy import DPConfig, PrivacyAccountant
 
     return PrivacyAccountant(DPConfig(**dp))
 
@@ -335,10 +333,17 @@ def round_run(*, round_id: str) -> bool:
         ]
         config = _federation_config(federation, str(base.path))
         previous = federation.adapters.exclude(round=fed_round).order_by("-round__number").first()
-        if previous is not None and hasattr(config, "initial_adapter"):
+        if previous is not None:  # continue from the last round's global adapter
             config.initial_adapter = _adapter_dir_for_worker(previous)
         callbacks = _RoundCallbacks(fed_round, federation.base_model)
-        result = run_federation(config, participants=participants, callbacks=callbacks)
+        from django.conf import settings
+
+        result = run_federation(
+            config,
+            participants=participants,
+            callbacks=callbacks,
+            runtime=settings.ENCLAVE_FEDERATION_RUNTIME,
+        )
         if result.status == "completed" and result.rounds:
             accountant = _accountant(federation)
             if accountant is not None:

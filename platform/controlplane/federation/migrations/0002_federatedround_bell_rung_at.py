@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('federation', '0001_initial'),
+        ("federation", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='federatedround',
-            name='bell_rung_at',
+            model_name="federatedround",
+            name="bell_rung_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
     ]

@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('serving', '0001_initial'),
+        ("serving", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='batch',
-            name='bell_rung_at',
+            model_name="batch",
+            name="bell_rung_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
     ]
