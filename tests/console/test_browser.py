@@ -2,7 +2,7 @@
 
 Playwright drives /usr/bin/chromium with background networking off; nothing is
 downloaded. A real Celery worker trains the job whose curve the browser watches grow.
-Screenshots for the README are written to docs/console/.
+Screenshots go to the run's data directory (see SCREENSHOTS).
 """
 
 import os
@@ -31,9 +31,11 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-# The README shows these; ENCLAVE_CONSOLE_SCREENSHOTS sends them elsewhere (say, CI artefacts).
+# Screenshots go to the run's data directory; ENCLAVE_CONSOLE_SCREENSHOTS=docs/console
+# refreshes the README's (a normal run leaves the tracked files alone).
 SCREENSHOTS = Path(
-    os.environ.get("ENCLAVE_CONSOLE_SCREENSHOTS") or Path(settings.REPO_DIR) / "docs" / "console"
+    os.environ.get("ENCLAVE_CONSOLE_SCREENSHOTS") or Path(settings.VAR_DIR) / "screenshots"
+) or Path(settings.REPO_DIR) / "docs" / "console"
 )
 LAPTOP = {"width": 1280, "height": 860}
 expect.set_options(timeout=45_000)  # as the pages' default: a busy shared machine
