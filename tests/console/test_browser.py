@@ -35,7 +35,6 @@ CHROMIUM_ARGS = [
 # refreshes the README's (a normal run leaves the tracked files alone).
 SCREENSHOTS = Path(
     os.environ.get("ENCLAVE_CONSOLE_SCREENSHOTS") or Path(settings.VAR_DIR) / "screenshots"
-) or Path(settings.REPO_DIR) / "docs" / "console"
 )
 LAPTOP = {"width": 1280, "height": 860}
 expect.set_options(timeout=45_000)  # as the pages' default: a busy shared machine
