@@ -5,7 +5,8 @@ Public API (federated.runtime, federated.config):
     run_federation(config: FederationConfig, *, participants: list[ParticipantSpec],
                    callbacks: FederationCallbacks | None = None,
                    runtime: "simulation" | "deployment" = "simulation",
-                   work_dir=None, timeout_s=3600, sim_cpus=1, max_restarts=2)
+                   work_dir=None, timeout_s=3600, sim_cpus=1, max_restarts=2,
+                   deployment: DeploymentOptions | None = None)
         -> FederationResult(status, rounds, failures, adapter_files, reason, out_dir,
                             setup_seconds, run_seconds, restarts)
     FederationCallbacks: on_round_end(round, metrics, adapter_files),
@@ -39,6 +40,7 @@ Never imports Django or the control plane.
 
 from federated.config import DPConfig, FederationConfig, ParticipantSpec
 from federated.runtime import (
+    DeploymentOptions,
     FederationCallbacks,
     FederationError,
     FederationResult,
@@ -48,6 +50,7 @@ from federated.runtime import (
 
 __all__ = [
     "DPConfig",
+    "DeploymentOptions",
     "FederationCallbacks",
     "FederationConfig",
     "FederationError",

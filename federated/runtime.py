@@ -46,7 +46,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from federated.config import FederationConfig, ParticipantSpec, write_run_file
 
@@ -106,6 +106,31 @@ class FederationResult:
     restarts: int = 0  # times the SuperLink died and the run was resumed
 
 
+@dataclass
+class DeploymentOptions:
+    """Where and how the deployment runtime's SuperLink runs.
+
+    host: the interface the SuperLink binds for all its APIs (Fleet, Control, runtime);
+        "127.0.0.1" for the single-machine harness, a routable address (or "0.0.0.0") when
+        members connect from their premises. Every API is behind TLS; the Control API has
+        no user authentication in Flower's open-source SuperLink, so firewall it to the
+        platform.
+    port: the SuperLink's port (default: a free one).
+    tls: an existing federation CA and server certificate (federated.tls.ServerTLS);
+        default: made in work_dir for ``host``, 127.0.0.1 and localhost.
+    node_keys: participant name -> that member's public key file (OpenSSH), registered
+        with the SuperLink; required for members that run their own nodes.
+    start_nodes: True starts ``python -m federated node`` for every participant here (the
+        harness); False waits for the members' own nodes (``wait_for_nodes_s``).
+    """
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    tls: Any = None
+    node_keys: dict[str, str] | None = None
+    start_nodes: bool = True
+
+
 class FederationError(RuntimeError):
     """The runtime could not start (a SuperLink or SuperNode failed, flwr run refused)."""
 
@@ -120,12 +145,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+def _wait_port(
+    port: int, proc: subprocess.Popen, timeout: float, log: Path, host: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise FederationError(f"process exited ({proc.returncode}): {_tail(log)}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
             return
         time.sleep(0.2)
     raise FederationError(f"nothing listens on port {port} after {timeout}s: {_tail(log)}")
@@ -222,7 +249,10 @@ run-file = {json.dumps(str(run_file))}
 
 
 def write_flwr_config(
-    flwr_home: Path, control_port: int, root_certificates: Path | None = None
+    flwr_home: Path,
+    control_port: int,
+    root_certificates: Path | None = None,
+    host: str = "127.0.0.1",
 ) -> None:
     """FLWR_HOME/config.toml with one SuperLink connection, "enclave" (the default)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -233,7 +263,7 @@ def write_flwr_config(
     )
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "enclave"\n\n[superlink.enclave]\n'
-        f'address = "127.0.0.1:{control_port}"\n{security}\n'
+        f'address = "{host}:{control_port}"\n{security}\n'
     )
 
 
@@ -266,6 +296,7 @@ def run_federation(
     timeout_s: float = 3600.0,
     sim_cpus: int = 1,
     max_restarts: int = 2,
+    deployment: DeploymentOptions | None = None,
     on_started=None,
 ) -> FederationResult:
     """Run ``config`` with ``participants`` to the end; see the module docstring.
@@ -278,6 +309,8 @@ def run_federation(
     sim_cpus: CPUs Ray may use in simulation (one virtual node trains per CPU at a time).
     max_restarts: if the SuperLink dies, it is restarted and the run resubmitted (resuming
         after the last completed round) at most this many times.
+    deployment: DeploymentOptions for runtime="deployment" (default: everything on
+        127.0.0.1, nodes started here).
     on_started: test hook, called with the Processes (and the SuperLink's port) once the
         run is started, e.g. to kill a SuperNode mid-round.
 
@@ -297,7 +330,7 @@ def run_federation(
     with _work_dir(work_dir) as work:
         return _run(
             config, participants, callbacks, runtime, work, timeout_s, sim_cpus, max_restarts,
-            on_started,
+            deployment or DeploymentOptions(), on_started,
         )  # fmt: skip
 
 
@@ -316,8 +349,9 @@ def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
 
 
 def _run(
-    config, participants, callbacks, runtime, work, timeout_s, sim_cpus, max_restarts, on_started
-):
+    config, participants, callbacks, runtime, work, timeout_s, sim_cpus, max_restarts,
+    options, on_started,
+):  # fmt: skip
     t0 = time.perf_counter()
     out_dir, logs, flwr_home = work / "out", work / "logs", work / "flwr-home"
     for d in (out_dir, logs):
@@ -334,7 +368,7 @@ def _run(
     offset = events_path.stat().st_size if events_path.exists() else 0
     env = _env(flwr_home)
     procs = Processes(logs, env)
-    port = free_port()
+    port = (options.port if runtime == "deployment" else None) or free_port()
     try:
         if runtime == "simulation":
             write_flwr_config(flwr_home, port)
@@ -348,7 +382,7 @@ def _run(
                 env, "run", str(work / "app"), "enclave", *_sim_args(len(participants), sim_cpus)
             )
         else:
-            answer = _start_deployment(config, participants, work, procs, env, port)
+            answer = _start_deployment(participants, work, procs, env, port, options)
         if on_started is not None:
             on_started(procs, port)
         setup = time.perf_counter() - t0
@@ -360,7 +394,10 @@ def _run(
             # file, so registered nodes stay registered; SuperNodes reconnect by themselves)
             # and submit the run again; the ServerApp resumes from the last saved round.
             link = procs.restart("superlink")
-            _wait_port(port, link, 60, logs / "superlink.log")
+            wildcard = runtime == "simulation" or options.host in ("0.0.0.0", "::")
+            _wait_port(
+                port, link, 60, logs / "superlink.log", "127.0.0.1" if wildcard else options.host
+            )
             if runtime == "simulation":
                 return _flwr(
                     env,
@@ -391,26 +428,40 @@ def _sim_args(n_nodes: int, sim_cpus: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _start_deployment(config, participants, work, procs, env, port) -> dict:
+def _start_deployment(participants, work, procs, env, port, options: DeploymentOptions) -> dict:
     from federated import tls
 
     pki = work / "pki"
-    server = tls.make_server_tls(pki / "server")
-    write_flwr_config(work / "flwr-home", port, root_certificates=server.ca_cert)
+    local = options.host if options.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    server = options.tls or tls.make_server_tls(
+        pki / "server", hosts=tuple(dict.fromkeys((local, "127.0.0.1", "localhost")))
+    )
+    write_flwr_config(work / "flwr-home", port, root_certificates=server.ca_cert, host=local)
     link = procs.start(
         "superlink",
-        [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+        [_bin("flower-superlink"), "--host", options.host, "--port", str(port),
          "--ssl-ca-certfile", str(server.ca_cert), "--ssl-certfile", str(server.server_cert),
          "--ssl-keyfile", str(server.server_key), "--enable-supernode-auth",
          "--disable-runtime-dependency-installation",
          "--database", str(work / "superlink.db")],
     )  # fmt: skip
-    _wait_port(port, link, 60, work / "logs" / "superlink.log")
+    _wait_port(port, link, 60, work / "logs" / "superlink.log", host=local)
     for p in participants:
-        key = tls.make_node_key(pki / "nodes", _safe(p.name))
-        _flwr(env, "supernode", "register", str(key.public_key), "enclave", "--name", _safe(p.name))
+        key = None
+        if options.node_keys and p.name in options.node_keys:
+            public_key = Path(options.node_keys[p.name])
+        elif options.start_nodes:
+            key = tls.make_node_key(pki / "nodes", _safe(p.name))
+            public_key = key.public_key
+        else:
+            raise ValueError(f"participant {p.name!r} runs its own node: give its public key")
+        _flwr(env, "supernode", "register", str(public_key), "enclave", "--name", _safe(p.name))
+        if not options.start_nodes:
+            continue
+        if key is None:
+            raise ValueError(f"start_nodes needs the private key of {p.name!r}: omit node_keys")
         argv = [sys.executable, "-m", "federated", "node",
-                "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(server.ca_cert),
+                "--superlink", f"{local}:{port}", "--root-certificates", str(server.ca_cert),
                 "--auth-key", str(key.private_key), "--name", p.name,
                 "--state-dir", str(work / "nodes" / _safe(p.name))]  # fmt: skip
         if p.data:
