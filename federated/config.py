@@ -66,6 +66,9 @@ class FederationConfig:
     # Continue from an earlier global adapter (a PEFT directory) instead of a fresh one: the
     # control plane runs each scheduled round as its own run, starting from the last one.
     initial_adapter: str | None = None
+    # DP rounds an earlier run of this federation already spent (its privacy is cumulative:
+    # a run that continues from an earlier adapter must count them, or the budget resets).
+    dp_rounds_done: int = 0
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)

@@ -127,7 +127,9 @@ class Federation:
         if config.dp is not None:
             from federated import privacy
 
-            self.accountant = privacy.PrivacyAccountant(config.dp)
+            self.accountant = privacy.PrivacyAccountant(
+                config.dp, rounds_done=config.dp_rounds_done
+            )
 
     # ---- the run ------------------------------------------------------------------------
 

@@ -264,3 +264,13 @@ def test_a_stopped_run_resumes_after_its_last_round_in_the_same_directory(
     )
     with pytest.raises(RuntimeError, match="already completed"):
         Federation(_grid(member_files), _config(fed_model_dir, num_rounds=2), tmp_path).run()
+
+
+def test_dp_budget_spent_by_earlier_runs_counts(fed_model_dir, member_files, tmp_path):
+    # One round at sigma = 1 reaches epsilon ~4.3 (delta 1e-5); a second passes 6.
+    dp = DPConfig(clip_norm=0.05, noise_multiplier=1.0, delta=1e-5, max_epsilon=6.0)
+    grid = _grid(member_files)
+    Federation(grid, _config(fed_model_dir, dp=dp, dp_rounds_done=1), tmp_path).run()
+    events = _events(tmp_path)
+    assert not [e for e in events if e["event"] == "round"] and grid.sent == []
+    assert events[-1]["status"] == "budget_exhausted"
