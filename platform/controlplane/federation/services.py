@@ -333,6 +333,8 @@ def round_run(*, round_id: str) -> bool:
         ]
         config = _federation_config(federation, str(base.path))
         previous = federation.adapters.exclude(round=fed_round).order_by("-round__number").first()
+        # The federation's privacy spent so far: each round is its own run.
+        config.dp_rounds_done = federation.rounds.filter(status=LeasedJob.Status.SUCCEEDED).count()
         if previous is not None:  # continue from the last round's global adapter
             config.initial_adapter = _adapter_dir_for_worker(previous)
         callbacks = _RoundCallbacks(fed_round, federation.base_model)
