@@ -10,6 +10,12 @@ from rest_framework.throttling import BaseThrottle
 from controlplane.tenancy.models import Role, Tenant
 from controlplane.tenancy.services import RateLimited, api_key_authenticate, rate_limit_consume
 
+
+def unix_time(value) -> int | None:
+    """A datetime as OpenAI's integer Unix seconds (None stays None)."""
+    return int(value.timestamp()) if value else None
+
+
 ROLE_RANK = {Role.AUDITOR: 0, Role.MEMBER: 1, Role.ADMIN: 2}
 
 

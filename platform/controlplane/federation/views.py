@@ -8,6 +8,7 @@ from rest_framework.exceptions import PermissionDenied as DRFPermissionDenied
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from controlplane.api import unix_time
 from controlplane.api_errors import error_body
 from controlplane.tenancy.models import Role
 
@@ -15,17 +16,13 @@ from . import selectors, services
 from .models import FederatedRound, Federation, Participant
 
 
-def _ts(value) -> int | None:
-    return int(value.timestamp()) if value else None
-
-
 def participant_json(p: Participant) -> dict:
     return {
         "object": "federation.participant",
         "tenant": p.tenant.slug,
         "status": p.status,
-        "invited_at": _ts(p.invited_at),
-        "accepted_at": _ts(p.accepted_at),
+        "invited_at": unix_time(p.invited_at),
+        "accepted_at": unix_time(p.accepted_at),
         "mode": "hosted" if p.training_file_id else ("on_premises" if p.node_name else None),
         "node_name": p.node_name or None,
     }
@@ -45,7 +42,7 @@ def federation_json(f: Federation, viewer) -> dict:
         "min_participants": f.min_participants,
         "status": f.status,
         "epsilon_spent": f.epsilon_spent,
-        "created_at": _ts(f.created_at),
+        "created_at": unix_time(f.created_at),
         "participants": [participant_json(p) for p in seats],
         "global_model": latest.id if latest else None,
         "is_owner": f.owner_id == viewer.pk,
@@ -65,9 +62,9 @@ def round_json(r: FederatedRound) -> dict:
         "epsilon": r.epsilon,
         "global_model": r.global_model or None,
         "error": r.error or None,
-        "created_at": _ts(r.created_at),
-        "started_at": _ts(r.started_at),
-        "finished_at": _ts(r.finished_at),
+        "created_at": unix_time(r.created_at),
+        "started_at": unix_time(r.started_at),
+        "finished_at": unix_time(r.finished_at),
     }
 
 

@@ -6,12 +6,10 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from controlplane.api import unix_time
+
 from . import batches, selectors
 from .models import Batch
-
-
-def _ts(value) -> int | None:
-    return int(value.timestamp()) if value else None
 
 
 def batch_status(batch: Batch) -> str:
@@ -44,15 +42,15 @@ class BatchOutput(serializers.Serializer):
             "status": status,
             "output_file_id": batch.output_file_id,
             "error_file_id": batch.error_file_id,
-            "created_at": _ts(batch.created_at),
-            "in_progress_at": _ts(batch.started_at),
-            "expires_at": _ts(batch.created_at) + 24 * 3600,
+            "created_at": unix_time(batch.created_at),
+            "in_progress_at": unix_time(batch.started_at),
+            "expires_at": unix_time(batch.created_at) + 24 * 3600,
             "finalizing_at": None,
-            "completed_at": _ts(batch.finished_at) if status == "completed" else None,
-            "failed_at": _ts(batch.finished_at) if status == "failed" else None,
+            "completed_at": unix_time(batch.finished_at) if status == "completed" else None,
+            "failed_at": unix_time(batch.finished_at) if status == "failed" else None,
             "expired_at": None,
             "cancelling_at": None,
-            "cancelled_at": _ts(batch.finished_at) if status == "cancelled" else None,
+            "cancelled_at": unix_time(batch.finished_at) if status == "cancelled" else None,
             "request_counts": {
                 "total": batch.total,
                 "completed": batch.completed,

@@ -7,15 +7,12 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from controlplane.api import unix_time
 from controlplane.api_errors import error_body
 from controlplane.tenancy.models import Role
 
 from . import selectors, services
 from .models import FineTuningCheckpoint, FineTuningEvent, FineTuningJob
-
-
-def _ts(value) -> int | None:
-    return int(value.timestamp()) if value else None
 
 
 class JobOutput(serializers.Serializer):
@@ -29,8 +26,8 @@ class JobOutput(serializers.Serializer):
             "object": "fine_tuning.job",
             "id": job.id,
             "model": job.model,
-            "created_at": _ts(job.created_at),
-            "finished_at": _ts(job.finished_at),
+            "created_at": unix_time(job.created_at),
+            "finished_at": unix_time(job.finished_at),
             "fine_tuned_model": job.fine_tuned_model,
             "organization_id": job.tenant.slug,
             "result_files": [],
@@ -172,7 +169,7 @@ def _event_json(event: FineTuningEvent) -> dict:
     return {
         "object": "fine_tuning.job.event",
         "id": f"ftevent-{event.pk}",
-        "created_at": _ts(event.created_at),
+        "created_at": unix_time(event.created_at),
         "level": event.level,
         "message": event.message,
         "data": event.data,
@@ -198,7 +195,7 @@ def _checkpoint_json(ckpt: FineTuningCheckpoint) -> dict:
     return {
         "object": "fine_tuning.job.checkpoint",
         "id": ckpt.id,
-        "created_at": _ts(ckpt.created_at),
+        "created_at": unix_time(ckpt.created_at),
         "fine_tuned_model_checkpoint": f"ft:{job.model}:{job.tenant.slug}:{job.suffix}:"
         f"{job.id}:ckpt-step-{ckpt.step}",
         "fine_tuning_job_id": job.id,
@@ -238,13 +235,13 @@ def models_visible(tenant) -> list[dict]:
     """Base models, then the tenant's own adapters."""
     models = [_model_json(m.name, m.created, "enclave") for m in selectors.base_models()]
     models += [
-        _model_json(a.id, _ts(a.created_at), tenant.slug)
+        _model_json(a.id, unix_time(a.created_at), tenant.slug)
         for a in selectors.adapters_list(tenant=tenant)
     ]
     from controlplane.federation.selectors import global_adapters_for
 
     models += [
-        _model_json(a.id, _ts(a.created_at), a.federation.owner.slug)
+        _model_json(a.id, unix_time(a.created_at), a.federation.owner.slug)
         for a in global_adapters_for(tenant=tenant).select_related("federation__owner")
     ]
     return models
