@@ -122,6 +122,9 @@ def _balance_sheet(rng: random.Random) -> Draft:
     # Liabilities are a share of assets, so equity stays positive and ratios sensible.
     payables = int(current_assets * rng.uniform(0.2, 0.9) / scale) * scale + scale
     long_term_debt = int(total_assets * rng.uniform(0.0, 0.5) / scale) * scale
+    # Keep equity at least one unit of scale: some draws left it at zero or below, and the
+    # debt-to-equity ratio then divided by zero (or meant nothing).
+    long_term_debt = min(long_term_debt, total_assets - payables - scale)
     current_liabilities = payables
     total_liabilities = current_liabilities + long_term_debt
     equity = total_assets - total_liabilities

@@ -174,3 +174,13 @@ def test_dosing_cap_applies():
 def test_unknown_family_is_refused():
     with pytest.raises(KeyError):
         SUITES["finance"].generate(2, families=["astrology"])
+
+
+def test_balance_sheets_keep_positive_equity_on_every_seed():
+    """Some draws once left equity at zero, and the debt-to-equity ratio divided by zero."""
+    from finetune.domains import SUITES
+
+    items = [i for seed in range(4) for i in SUITES["finance"].generate(600, seed=seed)]
+    sheets = [i for i in items if i.family == "balance_sheet"]
+    assert len(sheets) >= 300
+    assert all(i.answer for i in sheets)
