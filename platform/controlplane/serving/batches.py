@@ -127,7 +127,6 @@ def _completion_body(request_id: str, model: str, completion) -> dict:
 def _run_chunk(batch: Batch, chunk) -> tuple[list[dict], list[dict], int, int]:
     """Output lines, error lines, prompt and completion tokens for a chunk of requests."""
     from inference.engine import Request
-    from inference.sampling import SamplingParams
 
     outputs, errors = [], []
     prompt_tokens = completion_tokens = 0
@@ -150,11 +149,7 @@ def _run_chunk(batch: Batch, chunk) -> tuple[list[dict], list[dict], int, int]:
         except Http404:
             fail(custom_id, "model_not_found", f"The model '{body.get('model')}' does not exist")
             continue
-        sampling = SamplingParams(
-            temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            max_tokens=req.max_tokens, stop=req.stop, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-        )  # fmt: skip
+        sampling = req.sampling_params()
         adapter = str(resolved.adapter_dir) if resolved.adapter_dir else None
         request = Request(messages=req.messages, sampling=sampling, adapter=adapter,
                           request_id=f"chatcmpl-{secrets.token_hex(12)}")  # fmt: skip

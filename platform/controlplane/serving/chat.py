@@ -34,6 +34,22 @@ class ChatRequest:
     top_logprobs: int
     user: str | None
 
+    def sampling_params(self):
+        """The engine's SamplingParams for this request (chat completions and batches)."""
+        from inference.sampling import SamplingParams
+
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            max_tokens=self.max_tokens,
+            stop=self.stop,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+        )
+
 
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
     value = body.get(name)

@@ -23,29 +23,13 @@ from controlplane.tenancy.models import Role
 from controlplane.tenancy.services import RateLimited
 
 from . import services
-from .chat import ChatRequest, ChatRequestError, parse_chat_request
+from .chat import ChatRequestError, parse_chat_request
 
 log = logging.getLogger(__name__)
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", **fields):
     return JsonResponse(error_body(message, type_, **fields), status=status)
-
-
-def _sampling(req: ChatRequest):
-    from inference.sampling import SamplingParams
-
-    return SamplingParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        seed=req.seed,
-        max_tokens=req.max_tokens,
-        stop=req.stop,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        logprobs=req.logprobs,
-        top_logprobs=req.top_logprobs,
-    )
 
 
 def _logprobs_json(items, tokenizer) -> dict | None:
@@ -118,7 +102,7 @@ async def chat_completions(request):
 
     engine_request = Request(
         messages=req.messages,
-        sampling=_sampling(req),
+        sampling=req.sampling_params(),
         adapter=str(resolved.adapter_dir) if resolved.adapter_dir else None,
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
     )
