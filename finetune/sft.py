@@ -24,7 +24,9 @@ adapter as an uninterrupted one. Nothing touches the disk: state is ``torch.save
 Proved by tests/finetune/test_sft.py: the loss falls on a learnable task, metrics and the
 schedule, pause/resume and checkpoint/resume equal an uninterrupted run, cancel, initial
 adapters, assistant-only loss, accumulation equals one large batch, the seeded validation
-split, early stopping returns the best adapter, no disk writes, the CLI.
+split, early stopping returns the best adapter, no disk writes, the CLI; and the hooks
+federated clients use: ``freeze`` (FFA-LoRA's fixed A), ``extra_loss`` (FedProx's proximal
+term) and a warm ``base_model`` that is copied, never modified.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ import math
 import random
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,10 @@ class SFTConfig:
     log_every: int = 1  # on_metrics every this many steps (and at the last step)
     checkpoint_every: int = 0  # on_checkpoint every this many steps; 0: never
     eval_every: int = 0  # validation every this many steps; 0: only after the last step
+    # LoRA tensors whose parameter name contains one of these stay at their initial value
+    # and out of the optimizer: ("lora_A",) is FFA-LoRA (only B trains; federated averaging
+    # of B is then exact because every member shares A).
+    freeze: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that cannot describe a run."""
@@ -124,6 +130,8 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.log_every must be >= 1, got {self.log_every}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError("SFTConfig.early_stopping_patience must be >= 1 or None")
+        if isinstance(self.freeze, str) or not all(isinstance(f, str) and f for f in self.freeze):
+            raise ValueError(f"SFTConfig.freeze must be a tuple of name parts: {self.freeze!r}")
         unknown = set(self.targets) - set(lora.TARGET_SETS)
         if unknown or not self.targets:
             raise ValueError(f"SFTConfig.targets must be from {lora.TARGET_SETS}: {self.targets}")
@@ -174,6 +182,9 @@ def train_sft(
     callbacks: SFTCallbacks | None = None,
     resume_state: bytes | None = None,
     initial_adapter: Mapping[str, bytes] | None = None,
+    extra_loss: Callable[[Any], torch.Tensor] | None = None,
+    base_model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
 ) -> SFTResult:
     """Train a LoRA adapter on ``train_examples`` (chat, alpaca or sharegpt dicts).
 
@@ -182,6 +193,14 @@ def train_sft(
     (its rank and alpha must match the config) instead of a fresh adapter.
     ``resume_state``: bytes from ``on_checkpoint`` or ``SFTResult.state``; the run continues
     exactly where that one stopped (the examples and config must be the same).
+
+    ``extra_loss``: called with the PEFT model once per optimizer step, after the token
+    loss's backward pass; its scalar result is added to the objective (e.g. FedProx's
+    proximal term, ``federated.aggregation.fedprox_penalty``). Its value is reported as the
+    metric ``extra_loss``; ``loss`` stays the token loss.
+    ``base_model`` / ``tokenizer``: the already loaded model and tokenizer of
+    ``config.model_path`` (a warm federated node keeps them between rounds). The model is
+    copied before LoRA goes on, never modified, so one base serves every call.
 
     Raises ValueError for a bad config, invalid examples (``data.DataError`` names the
     example, 1-based), no trainable tokens, or a state/adapter that does not fit;
@@ -197,7 +216,7 @@ def train_sft(
     if val_examples is None and config.val_fraction > 0:
         train_msgs, val_msgs = _split(train_msgs, config.val_fraction, config.seed)
 
-    tokenizer = _load_tokenizer(config.model_path)
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model_path)
     run.check_chat_encoding(config.model_path, tokenizer, train_msgs[0])
     train_rows = _rows(tokenizer, train_msgs, config, shuffle_seed=config.seed)
     val_rows = _rows(tokenizer, val_msgs, config, shuffle_seed=None) if val_msgs else []
@@ -206,7 +225,10 @@ def train_sft(
 
     device = run.pick_device()
     torch.manual_seed(config.seed)  # LoRA A init
-    model = inference.load_model(config.model_path, device=device)
+    if base_model is not None:
+        model = copy.deepcopy(base_model).to(device)  # peft wraps in place: keep the base clean
+    else:
+        model = inference.load_model(config.model_path, device=device)
     if initial_adapter is not None:  # a resume state then overwrites its tensors
         peft_model = lora.load_adapter(model, initial_adapter, trainable=True)
         _check_adapter_matches(peft_model, config)
@@ -214,6 +236,7 @@ def train_sft(
         peft_model = lora.apply_lora(
             model, config.targets, config.lora_r, config.lora_alpha, config.lora_dropout
         )
+    _freeze(peft_model, config.freeze)
     params = [p for p in peft_model.parameters() if p.requires_grad]
 
     batches = data.BatchIterator(
@@ -249,6 +272,12 @@ def train_sft(
             break  # the data ran out (epochs mode): the last step was the final one
         lr = scheduler.get_last_lr()[0]
         loss_sum, hits, n_tokens, n_input = _train_step(peft_model, micro, device)
+        extra_value = None
+        if extra_loss is not None:
+            extra = extra_loss(peft_model)
+            if extra.requires_grad:
+                extra.backward()
+            extra_value = float(extra.detach())
         grad_norm = run.clip_gradients(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -276,6 +305,8 @@ def train_sft(
                 "elapsed_s": progress.elapsed_s,
                 "eta_s": eta,
             }
+            if extra_value is not None:
+                metrics["extra_loss"] = extra_value
             report_time, report_tokens = now, 0
         evaluate = val_rows and (
             last or (config.eval_every and progress.step % config.eval_every == 0)
@@ -496,6 +527,8 @@ def _resume_view(config: SFTConfig) -> dict:
     d = dataclasses.asdict(config)
     view = {k: d[k] for k in _RESUME_KEYS}
     view["targets"] = list(view["targets"])
+    if config.freeze:  # only when set, so states written before the field still resume
+        view["freeze"] = list(config.freeze)
     return view
 
 
@@ -522,7 +555,11 @@ def _save_state(config, model, optimizer, scheduler, batches, progress: _Progres
 
 
 def _load_state(raw: bytes, config: SFTConfig) -> dict:
-    return run.load_state(raw, "sft", _resume_view(config))
+    state = run.load_state(raw, "sft", _resume_view(config))
+    saved = json.loads(state["config"]).get("freeze", [])
+    if saved != list(config.freeze):  # the view only carries freeze when it is set
+        raise ValueError(f"resume_state was written with freeze={saved!r}, not {config.freeze!r}")
+    return state
 
 
 def _restore(state: dict, model, optimizer, scheduler, batches, progress: _Progress) -> None:
@@ -539,6 +576,22 @@ def _restore(state: dict, model, optimizer, scheduler, batches, progress: _Progr
     progress.bad_evals = saved["bad_evals"]
     progress.best_lora = dict(state["best_lora"]) or None
     run.set_rng_state(state["rng"])
+
+
+def _freeze(peft_model, parts: Sequence[str]) -> None:
+    """Take the LoRA parameters whose name contains one of ``parts`` out of training.
+    ValueError when a part matches no LoRA parameter or nothing would be left to train."""
+    if not parts:
+        return
+    named = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]
+    for part in parts:
+        if not any(part in n for n, _ in named):
+            raise ValueError(f"SFTConfig.freeze: {part!r} matches no LoRA parameter")
+    for name, p in named:
+        if any(part in name for part in parts):
+            p.requires_grad_(False)
+    if not any(p.requires_grad for _, p in named):
+        raise ValueError(f"SFTConfig.freeze={tuple(parts)} leaves no LoRA parameter to train")
 
 
 def _check_adapter_matches(peft_model, config: SFTConfig) -> None:

@@ -419,3 +419,127 @@ def test_training_writes_nothing_to_disk(model_dir, monkeypatch):
         resume_state=rec.checkpoints[1],
     )
     assert resumed.steps == 2 and writes == []
+
+
+# ---- hooks for federated clients: frozen LoRA parts, an extra loss term, a warm base ------
+
+
+def test_freeze_keeps_lora_a_at_its_start_and_out_of_the_optimizer(model_dir):
+    start = train_sft(_config(model_dir, max_steps=1), train_examples=_examples(6))
+    frozen = train_sft(
+        _config(model_dir, freeze=("lora_A",)),
+        train_examples=_examples(6),
+        initial_adapter=start.adapter_files,
+    )
+    before, after = _adapter(start), _adapter(frozen)
+    a_keys = [k for k in before if "lora_A" in k]
+    b_keys = [k for k in before if "lora_B" in k]
+    assert a_keys and b_keys
+    for k in a_keys:  # bit for bit: A had no gradient and no optimizer step (no weight decay)
+        assert torch.equal(before[k], after[k]), k
+    assert max(float((after[k] - before[k]).abs().max()) for k in b_keys) > 1e-4
+
+    # The same run without freezing moves A: the test above could fail.
+    free = train_sft(
+        _config(model_dir), train_examples=_examples(6), initial_adapter=start.adapter_files
+    )
+    assert max(float((_adapter(free)[k] - before[k]).abs().max()) for k in a_keys) > 1e-4
+
+    # Weight decay would move a parameter in the optimizer even without a gradient.
+    decayed = train_sft(
+        _config(model_dir, freeze=("lora_A",), weight_decay=0.5),
+        train_examples=_examples(6),
+        initial_adapter=start.adapter_files,
+    )
+    for k in a_keys:
+        assert torch.equal(before[k], _adapter(decayed)[k]), k
+
+
+def test_freeze_refuses_names_that_match_nothing_or_everything(model_dir):
+    with pytest.raises(ValueError, match="matches no LoRA parameter"):
+        train_sft(_config(model_dir, freeze=("lora_C",)), train_examples=_examples(4))
+    with pytest.raises(ValueError, match="leaves no LoRA parameter"):
+        train_sft(_config(model_dir, freeze=("lora_",)), train_examples=_examples(4))
+    with pytest.raises(ValueError, match="freeze"):
+        _config(model_dir, freeze="lora_A").validate()
+
+
+def test_a_frozen_run_resumes_exactly_and_refuses_an_unfrozen_state(model_dir):
+    examples = _examples(8)
+    full = train_sft(_config(model_dir, freeze=("lora_A",)), train_examples=examples)
+    paused = train_sft(
+        _config(model_dir, freeze=("lora_A",)), train_examples=examples, callbacks=Recorder(2)
+    )
+    resumed = train_sft(
+        _config(model_dir, freeze=("lora_A",)), train_examples=examples, resume_state=paused.state
+    )
+    _assert_same_adapter(resumed, full)
+    with pytest.raises(ValueError, match="freeze"):
+        train_sft(_config(model_dir), train_examples=examples, resume_state=paused.state)
+
+
+def test_extra_loss_is_added_to_the_objective_and_zero_changes_nothing(model_dir):
+    examples = _examples(6)
+    start = train_sft(_config(model_dir, max_steps=1), train_examples=examples)
+    config = _config(model_dir, lora_dropout=0.0)
+    plain = train_sft(config, train_examples=examples, initial_adapter=start.adapter_files)
+    initial = {k: v.clone() for k, v in _adapter(start).items()}
+
+    def pull_to_start(weight: float):
+        def term(model):
+            total = torch.zeros(())
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    key = name.replace(".default", "")
+                    total = total + (p - initial[key]).pow(2).sum()
+            return 0.5 * weight * total
+
+        return term
+
+    rec = Recorder()
+    zero = train_sft(
+        config,
+        train_examples=examples,
+        initial_adapter=start.adapter_files,
+        extra_loss=pull_to_start(0.0),
+        callbacks=rec,
+    )
+    for k, v in _adapter(plain).items():  # a zero term: the same adapter, bit for bit
+        assert torch.equal(v, _adapter(zero)[k]), k
+    assert all(m["extra_loss"] == 0.0 for m in rec.metrics)
+
+    strong = train_sft(
+        config,
+        train_examples=examples,
+        initial_adapter=start.adapter_files,
+        extra_loss=pull_to_start(50.0),
+    )
+
+    def distance(result):
+        t = _adapter(result)
+        return sum(float((t[k] - initial[k]).pow(2).sum()) for k in t) ** 0.5
+
+    assert distance(strong) < 0.8 * distance(plain), (distance(strong), distance(plain))
+
+
+def test_a_given_base_model_and_tokenizer_are_used_and_left_unmodified(model_dir):
+    from finetune.tokenizer import load_tokenizer
+
+    base = inference.load_model(model_dir)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    examples = _examples(6)
+    loaded = train_sft(_config(model_dir), train_examples=examples)
+    warm = train_sft(
+        _config(model_dir),
+        train_examples=examples,
+        base_model=base,
+        tokenizer=load_tokenizer(model_dir),
+    )
+    _assert_same_adapter(warm, loaded)
+    again = train_sft(_config(model_dir), train_examples=examples, base_model=base)
+    _assert_same_adapter(again, loaded)  # a second call on the same base: no adapter left on it
+    assert not any("lora" in name for name, _ in base.named_modules())
+    after = base.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():  # float8 has no torch.equal: compare the bytes
+        assert torch.equal(v.view(torch.uint8), after[k].view(torch.uint8)), k
