@@ -74,6 +74,10 @@ def test_job_create_form_needs_member(world):
     assert _client(world, "member").get(url).status_code == 200
 
 
+def _first_membership(objs) -> Membership:
+    return Membership.objects.filter(tenant=objs.tenant).order_by("pk").first()
+
+
 def _writes(objs) -> list[tuple[str, str, dict]]:
     """(minimum role, url, form data) for every mutating console request."""
     fed = objs.federation.id
@@ -88,6 +92,7 @@ def _writes(objs) -> list[tuple[str, str, dict]]:
         ("admin", reverse("console:api-keys"), {"role": "member", "name": "x"}),
         ("admin", reverse("console:api-key-revoke", kwargs={"key_id": objs.key.id}), {}),
         ("admin", reverse("console:members"), {"username": "outsider", "role": "auditor"}),
+        ("admin", reverse("console:member-remove", args=[_first_membership(objs).id]), {}),
         ("admin", reverse("console:federations"), {"name": "x", "base_model": "enclave-test"}),
         ("admin", reverse("console:federation-invite", args=[fed]), {"tenant": "globex"}),
         ("admin", reverse("console:federation-accept", args=[fed]), {"node_name": "n1"}),
@@ -159,7 +164,8 @@ def test_member_sees_job_buttons_but_no_key_or_member_forms(world):
     assert 'data-action="cancel"' in job_page
     keys_page = client.get(reverse("console:api-keys")).content.decode()
     assert "Create a key" not in keys_page and ">Revoke<" not in keys_page
-    assert "Add a member" not in client.get(reverse("console:members")).content.decode()
+    members_page = client.get(reverse("console:members")).content.decode()
+    assert "Add a member" not in members_page and ">Remove<" not in members_page
 
 
 def test_foreign_ids_are_not_found_for_reads_and_writes(world):
@@ -171,11 +177,14 @@ def test_foreign_ids_are_not_found_for_reads_and_writes(world):
     before = _snapshot(foreign)
     checked = 0
     for _needed, url, data in _writes(foreign):
-        named = (foreign.file.id, foreign.job.id, foreign.federation.id, f"/{foreign.key.id}/")
+        named = (
+            foreign.file.id, foreign.job.id, foreign.federation.id, f"keys/{foreign.key.id}/",
+            f"members/{_first_membership(foreign).id}/",
+        )  # fmt: skip
         if any(part in url for part in named) or data.get("model") == foreign.adapter.id:
             assert client.post(url, data).status_code == 404, url
             checked += 1
-    assert checked == 11  # every write that names an object
+    assert checked == 12  # every write that names an object
     assert _snapshot(foreign) == before
     # Nor does another tenant's file show up in the job form or the lists.
     home_pages = "".join(
@@ -253,6 +262,71 @@ def test_admin_sets_roles(world):
     assert Membership.objects.get(user=world["users"]["outsider"]).role == "auditor"
     response = client.post(reverse("console:members"), {"username": "nobody", "role": "member"})
     assert response.status_code == 400 and "No user named" in response.content.decode()
+
+
+def test_admin_removes_a_member_but_never_the_last_admin(world):
+    home = world["home"].tenant
+    users = world["users"]
+    client = _client(world, "admin")
+    page = client.get(reverse("console:members")).content.decode()
+    # Each row has a remove button that asks first (confirm.js reads data-confirm).
+    assert page.count('aria-label="Remove ') == 3 and page.count("data-confirm=") == 3
+    mine = Membership.objects.get(tenant=home, user=users["admin"])
+    member = Membership.objects.get(tenant=home, user=users["member"])
+
+    response = client.post(reverse("console:member-remove", args=[member.id]))
+    assert response.status_code == 302
+    assert not Membership.objects.filter(pk=member.pk).exists()
+    removed = AuditEvent.objects.get(object_type="membership", object_id="member-user")
+    assert removed.actor == "user:admin-user" and removed.status_code == 302
+    assert "/remove/" in removed.action
+    # The removed person is out: the console refuses them.
+    assert _client(world, "member").get(reverse("console:dashboard")).status_code == 403
+
+    # The last admin can neither be removed nor demoted; both are refused and logged.
+    response = client.post(reverse("console:member-remove", args=[mine.id]))
+    assert response.status_code == 409
+    assert "last admin" in response.content.decode()
+    response = client.post(reverse("console:members"), {"username": "admin-user", "role": "member"})
+    assert response.status_code == 409 and "last admin" in response.content.decode()
+    mine.refresh_from_db()
+    assert mine.role == "admin"
+    refused = AuditEvent.objects.filter(object_id="admin-user", status_code=409)
+    assert refused.count() == 2
+
+    # With a second admin, the first may step down.
+    assert (
+        client.post(
+            reverse("console:members"), {"username": "auditor-user", "role": "admin"}
+        ).status_code
+        == 302
+    )
+    response = client.post(reverse("console:members"), {"username": "admin-user", "role": "member"})
+    assert response.status_code == 302
+    mine.refresh_from_db()
+    assert mine.role == "member"
+
+
+def test_membership_remove_service_rules(world):
+    from django.core.exceptions import PermissionDenied, ValidationError
+    from django.http import Http404
+
+    from controlplane.tenancy.services import membership_remove
+
+    home, foreign = world["home"].tenant, world["foreign"].tenant
+    member = Membership.objects.get(tenant=home, user=world["users"]["member"])
+    theirs = Membership.objects.get(tenant=foreign)
+    for role in ("member", "auditor"):
+        with pytest.raises(PermissionDenied):
+            membership_remove(tenant=home, membership_id=member.id, by_role=role)
+    with pytest.raises(Http404):  # another tenant's membership is not found, not refused
+        membership_remove(tenant=home, membership_id=theirs.id, by_role="admin")
+    with pytest.raises(ValidationError, match="last admin"):
+        membership_remove(tenant=foreign, membership_id=theirs.id, by_role="admin")
+    assert Membership.objects.filter(pk__in=[member.pk, theirs.pk]).count() == 2
+    removed = membership_remove(tenant=home, membership_id=member.id, by_role="admin")
+    assert removed.user == world["users"]["member"]
+    assert not Membership.objects.filter(pk=member.pk).exists()
 
 
 def test_upload_shows_validation_errors_with_line_numbers(world):

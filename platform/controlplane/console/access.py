@@ -21,6 +21,7 @@ from django.urls import reverse
 from controlplane.api import Principal
 from controlplane.audit.services import audit_event_record
 from controlplane.tenancy.models import Membership, Role
+from controlplane.tenancy.selectors import memberships_of_user
 
 SESSION_TENANT = "console_tenant_id"
 #: Console pages load only their own scripts, styles and data: no inline script, no CDN.
@@ -36,9 +37,7 @@ def memberships_of(user) -> list[Membership]:
     """The user's memberships, by tenant name (the tenant switcher's choices)."""
     if not user.is_authenticated:
         return []
-    return list(
-        Membership.objects.filter(user=user).select_related("tenant").order_by("tenant__name")
-    )
+    return list(memberships_of_user(user=user))
 
 
 def principal_for(request) -> Principal | None:

@@ -19,7 +19,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from controlplane.federation import selectors as fed_selectors
 from controlplane.federation import services as fed_services
-from controlplane.federation.models import Federation, Participant
+from controlplane.federation.models import Federation
 from controlplane.files import selectors as file_selectors
 from controlplane.files.models import File
 from controlplane.jobs.models import LeasedJob
@@ -54,6 +54,21 @@ class FederationCreateForm(forms.Form):
     )
     local_steps = forms.IntegerField(label="Local steps per round", min_value=1, initial=5)
     lora_r = forms.IntegerField(label="LoRA rank", min_value=1, max_value=256, initial=8)
+    # Optional: empty keeps the platform's default (federated.config.FederationConfig).
+    lora_alpha = forms.IntegerField(label="LoRA alpha", min_value=1, max_value=1024, required=False)
+    learning_rate = forms.FloatField(label="Learning rate", min_value=0, required=False)
+    batch_size = forms.IntegerField(label="Batch size", min_value=1, max_value=256, required=False)
+    max_seq_len = forms.IntegerField(
+        label="Max sequence length", min_value=16, max_value=32768, required=False
+    )
+    eval_generations = forms.IntegerField(
+        label="Scored answers per member and round", min_value=0, required=False,
+        help_text="Greedy answers graded by the domain suite; 0: loss only.",
+    )  # fmt: skip
+    round_timeout_s = forms.FloatField(
+        label="Round timeout (seconds)", min_value=1, required=False,
+        help_text="A member that has not replied by then is left out of the round.",
+    )  # fmt: skip
     secure_aggregation = forms.BooleanField(label="Secure aggregation", required=False)
     dp_noise_multiplier = forms.FloatField(
         label="DP noise multiplier", required=False, min_value=0,
@@ -73,6 +88,11 @@ class FederationCreateForm(forms.Form):
             self.add_error("dp_clip_norm", "Differential privacy needs a clip norm.")
         return data
 
+    OPTIONAL = (
+        "lora_alpha", "learning_rate", "batch_size", "max_seq_len", "eval_generations",
+        "round_timeout_s",
+    )  # fmt: skip
+
     def settings(self) -> dict:
         data = self.cleaned_data
         settings = {
@@ -80,6 +100,9 @@ class FederationCreateForm(forms.Form):
             "local_steps": data["local_steps"],
             "lora_r": data["lora_r"],
         }
+        for name in self.OPTIONAL:
+            if data.get(name) is not None:
+                settings[name] = data[name]
         if data.get("secure_aggregation"):
             settings["secure_aggregation"] = True
         if data.get("dp_noise_multiplier") is not None:
@@ -143,23 +166,22 @@ def federations(request):
                 messages.success(request, f"Created federation {federation.name}.")
                 return redirect("console:federation", federation_id=federation.id)
     visible = fed_selectors.federations_visible(tenant=tenant).select_related("owner")
-    seats = {
-        p.federation_id: p
-        for p in Participant.objects.filter(tenant=tenant, federation__in=visible)
-    }
+    seats = fed_selectors.seats_of(tenant=tenant, federations=visible)
     rows = [{"federation": f, "seat": seats.get(f.id)} for f in visible]
     return _render(request, "federations.html", {"form": form, "rows": rows}, status=status)
 
 
 def _members(federation) -> list[dict]:
+    """Each member with its node's status: online when its node replied to a round (train
+    or evaluate) within NODE_ONLINE_WITHIN. The SuperLink runs only while a round runs,
+    so between rounds the last reply is all there is to go on."""
     now = timezone.now()
     rows = []
     for p in federation.participants.select_related("tenant").order_by("invited_at"):
-        if p.training_file_id:
-            node = "hosted"
-        elif p.node_name:
-            online = p.last_seen_at is not None and now - p.last_seen_at <= NODE_ONLINE_WITHIN
-            node = "online" if online else "offline"
+        if p.last_seen_at is not None and now - p.last_seen_at <= NODE_ONLINE_WITHIN:
+            node = "online"
+        elif p.training_file_id or p.node_name:
+            node = "offline"
         else:
             node = "—"
         rows.append({"p": p, "node": node, "owner": p.tenant_id == federation.owner_id})

@@ -75,6 +75,7 @@ urlpatterns = [
     path("keys/", views.api_keys, name="api-keys"),
     path("keys/<int:key_id>/revoke/", views.api_key_revoke, name="api-key-revoke"),
     path("members/", views.members, name="members"),
+    path("members/<int:membership_id>/remove/", views.member_remove, name="member-remove"),
     path("audit/", views.audit, name="audit"),
     path("audit.csv", views.audit_csv, name="audit-csv"),
 ]

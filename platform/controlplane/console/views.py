@@ -18,12 +18,14 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from controlplane.audit import selectors as audit_selectors
 from controlplane.files import selectors as file_selectors
 from controlplane.files import services as file_services
 from controlplane.files.models import File
 from controlplane.jobs.models import LeasedJob
 from controlplane.serving import services as serving_services
 from controlplane.serving.chat import ChatRequestError, parse_chat_request
+from controlplane.tenancy import selectors as tenancy_selectors
 from controlplane.tenancy import services as tenancy_services
 from controlplane.tenancy.models import Role
 from controlplane.tenancy.services import QuotaExceeded, RateLimited
@@ -32,7 +34,7 @@ from controlplane.tuning import services as tuning_services
 from controlplane.tuning.models import FineTuningEvent
 from controlplane.tuning.views import models_visible
 
-from . import access, forms, selectors
+from . import access, forms
 
 log = logging.getLogger(__name__)
 ACTIVE = (LeasedJob.Status.QUEUED, LeasedJob.Status.RUNNING, LeasedJob.Status.PAUSED)
@@ -88,7 +90,11 @@ def dashboard(request):
         request,
         "dashboard.html",
         {
-            "usage": selectors.usage_summary(tenant=tenant),
+            "usage": {
+                **tenancy_selectors.usage_totals(tenant=tenant),
+                "storage_used": file_selectors.files_total_bytes(tenant=tenant),
+                "storage_quota": tenant.storage_bytes,
+            },
             "active_jobs": active[:20],
             "active_count": tuning_selectors.fine_tuning_jobs_active_count(tenant=tenant),
             "adapters": tuning_selectors.adapters_list(tenant=tenant)[:20],
@@ -515,7 +521,7 @@ def api_keys(request):
     response = _render(
         request,
         "api_keys.html",
-        {"form": form, "created": created, "keys": selectors.api_keys_list(tenant=tenant)},
+        {"form": form, "created": created, "keys": tenancy_selectors.api_keys_list(tenant=tenant)},
         status=status,
     )
     response["Cache-Control"] = "no-store"  # the raw key must not sit in any cache
@@ -525,7 +531,7 @@ def api_keys(request):
 @require_POST
 @access.console_view(write_role=Role.ADMIN)
 def api_key_revoke(request, key_id: int):
-    key = selectors.access_api_key_by_id(tenant=request.principal.tenant, key_id=key_id)
+    key = tenancy_selectors.access_api_key_by_id(tenant=request.principal.tenant, key_id=key_id)
     request.audit_object = ("api_key", key.prefix)
     tenancy_services.api_key_revoke(key=key)
     messages.success(request, f"Revoked {key.prefix}.")
@@ -535,27 +541,60 @@ def api_key_revoke(request, key_id: int):
 # ---- members ------------------------------------------------------------------------------
 
 
-@require_http_methods(["GET", "POST"])
-@access.console_view(write_role=Role.ADMIN)
-def members(request):
+def _members_page(request, form, status: int = 200, refusal: str = ""):
     tenant = request.principal.tenant
-    form = forms.MembershipForm(request.POST or None)
-    status = 200
-    if request.method == "POST":
-        status = 400
-        if form.is_valid():
-            membership = tenancy_services.membership_set(
-                tenant=tenant, user=form.user, role=form.cleaned_data["role"]
-            )
-            request.audit_object = ("membership", form.user.get_username())
-            messages.success(request, f"{form.user.get_username()} is now {membership.role}.")
-            return redirect("console:members")
     return _render(
         request,
         "members.html",
-        {"form": form, "tenant_members": selectors.memberships_list(tenant=tenant)},
+        {
+            "form": form,
+            "refusal": refusal,
+            "tenant_members": tenancy_selectors.memberships_list(tenant=tenant),
+        },
         status=status,
     )
+
+
+@require_http_methods(["GET", "POST"])
+@access.console_view(write_role=Role.ADMIN)
+def members(request):
+    form = forms.MembershipForm(request.POST or None)
+    if request.method == "GET":
+        return _members_page(request, form)
+    if not form.is_valid():
+        return _members_page(request, form, status=400)
+    username = form.user.get_username()
+    request.audit_object = ("membership", username)
+    try:
+        membership = tenancy_services.membership_set(
+            tenant=request.principal.tenant, user=form.user, role=form.cleaned_data["role"]
+        )
+    except ValidationError as exc:  # demoting the last admin
+        return _members_page(request, form, status=409, refusal="; ".join(_errors(exc)))
+    messages.success(request, f"{username} is now {membership.role}.")
+    return redirect("console:members")
+
+
+@require_POST
+@access.console_view(write_role=Role.ADMIN)
+def member_remove(request, membership_id: int):
+    """Remove a person from the tenant (the page asks to confirm first). Another tenant's
+    membership is 404; the last admin is refused with 409 and stays."""
+    tenant = request.principal.tenant
+    membership = tenancy_selectors.access_membership_by_id(
+        tenant=tenant, membership_id=membership_id
+    )
+    username = membership.user.get_username()
+    request.audit_object = ("membership", username)
+    try:
+        tenancy_services.membership_remove(
+            tenant=tenant, membership_id=membership_id, by_role=request.principal.role
+        )
+    except ValidationError as exc:
+        refusal = "; ".join(_errors(exc))
+        return _members_page(request, forms.MembershipForm(), status=409, refusal=refusal)
+    messages.success(request, f"Removed {username} from {tenant.name}.")
+    return redirect("console:members")
 
 
 # ---- audit log ----------------------------------------------------------------------------
@@ -564,7 +603,7 @@ def members(request):
 def _audit_events(request):
     form = forms.AuditFilterForm(request.GET or None)
     filters = form.cleaned_data if form.is_valid() else {}
-    events = selectors.audit_events_filtered(
+    events = audit_selectors.audit_events_filtered(
         tenant=request.principal.tenant, **{k: v for k, v in filters.items() if v}
     )
     return form, events

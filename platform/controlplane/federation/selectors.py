@@ -25,6 +25,12 @@ def participant_get(*, tenant, federation: Federation) -> Participant | None:
     return Participant.objects.filter(federation=federation, tenant=tenant).first()
 
 
+def seats_of(*, tenant, federations) -> dict[str, Participant]:
+    """The tenant's own seat in each of `federations`, by federation id."""
+    seats = Participant.objects.filter(tenant=tenant, federation__in=federations)
+    return {p.federation_id: p for p in seats}
+
+
 def participants_accepted(*, federation: Federation) -> QuerySet[Participant]:
     return federation.participants.filter(status=S.ACCEPTED).select_related("tenant")
 

@@ -5,7 +5,7 @@ import secrets
 from datetime import date
 
 from django.core.cache import cache
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -43,13 +43,55 @@ def tenant_create(
 
 
 def membership_set(*, tenant: Tenant, user, role: str) -> Membership:
-    """Give `user` `role` in `tenant` (adding them when they are not a member yet)."""
+    """Give `user` `role` in `tenant` (adding them when they are not a member yet).
+
+    ValidationError names the problem: an unknown role, or demoting the tenant's last
+    admin (nobody could manage its keys and members any more).
+    """
     if role not in Role.values:
         raise ValidationError({"role": f"{role!r} is not one of {', '.join(Role.values)}"})
-    membership, _ = Membership.objects.update_or_create(
-        tenant=tenant, user=user, defaults={"role": role}
-    )
+    with transaction.atomic():
+        _lock_members(tenant)
+        current = Membership.objects.filter(tenant=tenant, user=user).first()
+        if current is not None and current.role == Role.ADMIN and role != Role.ADMIN:
+            _refuse_last_admin(tenant, f"{user.get_username()} is the last admin of {tenant.slug}")
+        membership, _ = Membership.objects.update_or_create(
+            tenant=tenant, user=user, defaults={"role": role}
+        )
     return membership
+
+
+def membership_remove(*, tenant: Tenant, membership_id: int, by_role: str) -> Membership:
+    """Remove a person from `tenant`; returns the removed membership (no longer saved).
+
+    Http404 for a membership of another tenant (or none), PermissionDenied unless
+    `by_role` (the acting principal's role) is admin, ValidationError for the last admin.
+    """
+    from .selectors import access_membership_by_id
+
+    membership = access_membership_by_id(tenant=tenant, membership_id=membership_id)
+    if by_role != Role.ADMIN:
+        raise PermissionDenied("Only an admin can remove members.")
+    with transaction.atomic():
+        _lock_members(tenant)
+        membership = access_membership_by_id(tenant=tenant, membership_id=membership_id)
+        if membership.role == Role.ADMIN:
+            _refuse_last_admin(
+                tenant, f"{membership.user.get_username()} is the last admin of {tenant.slug}"
+            )
+        membership.delete()
+    return membership
+
+
+def _lock_members(tenant: Tenant) -> None:
+    # Two admins demoting or removing each other at once must not leave the tenant with
+    # none: the tenant row serialises changes to its memberships.
+    Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+
+
+def _refuse_last_admin(tenant: Tenant, message: str) -> None:
+    if Membership.objects.filter(tenant=tenant, role=Role.ADMIN).count() <= 1:
+        raise ValidationError({"role": f"{message}; make someone else admin first"})
 
 
 def _hash_key(raw: str) -> str:
