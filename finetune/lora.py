@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -349,6 +350,41 @@ def load_adapter(
 def lora_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     """The trainable LoRA tensors by parameter name (views, not copies)."""
     return {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+
+
+# ---- serving the policy while it trains -------------------------------------------------
+
+
+def base_view(peft_model: PeftModel) -> nn.Module:
+    """The base model under ``peft_model`` without its LoRA layers, sharing every weight.
+
+    peft replaced the adapted modules in place; the view is a copy of the module *tree*
+    only (``copy.copy`` of the modules on the way to an adapted one, each LoRA layer replaced
+    by its base layer), so no parameter, FP8 byte or buffer is copied and the training model
+    is not touched. The serving engine runs on it (``inference.Engine(path, model=view)``)
+    with the adapter added by ``inference.lora`` from ``serving_state``.
+    """
+    return _strip_tuner_layers(peft_model.get_base_model())
+
+
+def _strip_tuner_layers(module: nn.Module) -> nn.Module:
+    if isinstance(module, BaseTunerLayer):
+        return _strip_tuner_layers(module.get_base_layer())
+    children = {name: _strip_tuner_layers(child) for name, child in module._modules.items()}
+    if all(children[name] is child for name, child in module._modules.items()):
+        return module
+    clone = copy.copy(module)
+    clone._modules = children
+    return clone
+
+
+def serving_state(peft_model: PeftModel) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter config as a dict, LoRA state dict with PEFT key names): what
+    ``inference.Engine.register_adapter`` takes. The tensors are the live parameters
+    (detached, not copied: the engine copies them)."""
+    config = peft_model.peft_config[ADAPTER_NAME].to_dict()
+    state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME)
+    return config, {k: v.detach() for k, v in state.items()}
 
 
 # ---- FP8 base layers --------------------------------------------------------------------

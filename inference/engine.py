@@ -5,6 +5,11 @@
     for delta in engine.stream(Request(messages=[{"role": "user", "content": "Hi"}])):
         print(delta.text, end="")
 
+A trainer serves its current policy without files: ``Engine(path, model=base_view)`` shares
+an already-loaded model's (frozen, FP8) weights, and ``register_adapter(name, config,
+tensors)`` installs or replaces an in-memory LoRA adapter, which requests name as
+``adapter="memory:<name>"`` (GRPO samples its groups this way, see ``finetune/grpo.py``).
+
 One background thread owns the model, the paged latent cache and the scheduler. Callers
 on any thread (or an asyncio loop, via ``astream``) hand requests over a queue and receive
 ``Delta`` objects through a per-request sink; nothing else is shared, so the engine is safe
@@ -37,7 +42,7 @@ from inference.chat import (
 from inference.checkpoint import load_model
 from inference.decode import Chunk, LatentRunner
 from inference.kv_cache import PagedLatentCache
-from inference.lora import AdapterCache, check_adapter_dir
+from inference.lora import MEMORY_PREFIX, AdapterCache, check_adapter_dir
 from inference.sampling import SamplingParams, TokenLogprob, make_generator, sample
 from inference.scheduler import Scheduler, Sequence
 
@@ -52,7 +57,7 @@ class Request:
     prompt: str | None = None
     messages: list[dict] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    adapter: str | None = None  # a PEFT LoRA directory, or None for the base model
+    adapter: str | None = None  # a PEFT LoRA directory, "memory:<name>", or None (base)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     prompt_token_ids: list[int] | None = None
 
@@ -109,10 +114,12 @@ class Engine:
     optionally tokenizer.json and a chat template).
 
     ``kv_cache_bytes`` sizes the latent cache pool; ``max_batch_tokens`` caps the tokens of
-    one step (decodes plus prefill chunks); ``max_active_adapters`` caps the LoRA adapters
-    held in memory. Raises ValueError for impossible sizes, and CheckpointError (a
-    ValueError) for a bad model directory. Call ``close()`` (or use ``with``) to stop the
-    scheduler thread.
+    one step (decodes plus prefill chunks); ``max_active_adapters`` caps the LoRA adapter
+    directories held in memory. ``model``: an already-loaded ``inference`` Transformer of
+    ``model_path``'s config to serve instead of loading one (its weights are shared, never
+    copied or changed; ``dtype``, ``fp8`` and ``device`` then come from it). Raises
+    ValueError for impossible sizes, and CheckpointError (a ValueError) for a bad model
+    directory. Call ``close()`` (or use ``with``) to stop the scheduler thread.
     """
 
     def __init__(
@@ -127,9 +134,15 @@ class Engine:
         max_active_adapters: int = 4,
         block_size: int = 16,
         max_num_seqs: int = 256,
+        model: torch.nn.Module | None = None,
     ):
         self.model_path = Path(model_path)
-        self.model = load_model(self.model_path, device, dtype, fp8)
+        if model is None:
+            model = load_model(self.model_path, device, dtype, fp8)
+        else:
+            dtype = model.compute_dtype
+            device = model.model.embed_tokens.weight.device
+        self.model = model
         self.config = self.model.config
         c = self.config
         self.cache = PagedLatentCache(
@@ -164,11 +177,17 @@ class Engine:
         """Run ``requests`` together; return their completions in the same order.
         Raises ValueError (before anything runs) if any request is invalid."""
         prepared = [self._prepare(r) for r in requests]
-        sinks = []
-        for request, ids in prepared:
-            q: queue.SimpleQueue = queue.SimpleQueue()
-            self._submit(request, ids, q.put)
-            sinks.append(q)
+        sinks = [queue.SimpleQueue() for _ in prepared]
+        if self._closed.is_set():
+            raise RuntimeError("the engine is closed")
+        # One message: the scheduler thread admits them all in the same step, so the same
+        # requests are always batched the same way (seeded runs are reproducible).
+        self._inbox.put(
+            (
+                "add_many",
+                [(r, ids, q.put) for (r, ids), q in zip(prepared, sinks, strict=True)],
+            )
+        )
         out = []
         for (request, _), q in zip(prepared, sinks, strict=True):
             out.append(_collect(request.request_id, _drain(q)))
@@ -232,6 +251,19 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def register_adapter(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> str:
+        """Install (or replace) the in-memory LoRA adapter ``name``: ``config`` is PEFT's
+        adapter config as a dict, ``tensors`` its state dict (PEFT key names, as
+        ``peft.get_peft_model_state_dict`` gives them). The tensors are copied, so the caller
+        may go on training its own. Returns the ``Request.adapter`` value, ``memory:<name>``.
+        Requests already submitted keep the weights they started with; the prefix cache
+        never mixes versions. Raises ValueError for tensors that do not fit the model."""
+        return self.adapters.register(name, config, tensors)
+
+    def unregister_adapter(self, name: str) -> None:
+        """Forget an in-memory adapter; requests already submitted finish with it."""
+        self.adapters.unregister(name)
+
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ValueError(f"{self.model_path} has no tokenizer.json: give prompt_token_ids")
@@ -255,7 +287,11 @@ class Engine:
             raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        if request.adapter is not None:
+        in_memory = request.adapter is not None and request.adapter.startswith(MEMORY_PREFIX)
+        if in_memory:
+            if not self.adapters.is_registered(request.adapter):
+                raise ValueError(f"adapter {request.adapter} is not registered with this engine")
+        elif request.adapter is not None:
             request = dataclasses.replace(request, adapter=str(check_adapter_dir(request.adapter)))
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
@@ -264,7 +300,7 @@ class Engine:
                 raise ValueError(f"prompt_token_ids holds ids outside the vocabulary: {bad[:5]}")
         elif request.messages is not None:
             template = self.chat_template
-            if request.adapter is not None:
+            if request.adapter is not None and not in_memory:
                 template = load_chat_template(request.adapter) or template
             text = apply_chat_template(
                 request.messages,
@@ -323,25 +359,36 @@ class Engine:
                         for seq in list(self._seqs.values()):
                             self._emit(seq.state, e)
                             self.scheduler.remove(seq)
+                            self.adapters.unref(seq.adapter_path)
                             del self._seqs[seq.request_id]
 
     def _handle(self, kind: str, payload) -> None:
-        if kind == "add":
+        if kind == "add_many":
+            for item in payload:
+                self._handle("add", item)
+        elif kind == "add":
             request, ids, sink = payload
             detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
+            state = _State(request, sink, detok)
+            if request.request_id in self._seqs:
+                self._emit(
+                    state, ValueError(f"request_id {request.request_id!r} is already running")
+                )
+                return
+            try:
+                # An in-memory adapter's current version, held until the request ends.
+                adapter_path = self.adapters.resolve(request.adapter) if request.adapter else None
+            except ValueError as e:  # unregistered since the request was checked
+                self._emit(state, e)
+                return
             seq = Sequence(
                 request_id=request.request_id,
                 prompt_ids=ids,
                 max_tokens=request.sampling.max_tokens,
-                adapter_path=request.adapter,
+                adapter_path=adapter_path,
             )
-            seq.state = _State(request, sink, detok)
+            seq.state = state
             seq.state.prompt_tensor = torch.tensor(ids, dtype=torch.int64)
-            if request.request_id in self._seqs:
-                self._emit(
-                    seq.state, ValueError(f"request_id {request.request_id!r} is already running")
-                )
-                return
             self._seqs[seq.request_id] = seq
             self.scheduler.add(seq)
         elif kind == "cancel":
@@ -441,7 +488,8 @@ class Engine:
         if st.detok is not None and not st.cut:
             st.text += st.detok.flush()
         self.scheduler.remove(seq)
-        self._seqs.pop(seq.request_id, None)
+        if self._seqs.pop(seq.request_id, None) is not None:
+            self.adapters.unref(seq.adapter_path)
         self._emit_delta(seq, len(st.text), reason)
 
 

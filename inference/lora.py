@@ -17,7 +17,11 @@ Absorbed MLA decode never runs ``kv_b_proj`` as a linear layer; its LoRA delta
 ``absorbed_output``), which is exact because everything involved is linear.
 
 ``AdapterCache`` loads adapters on demand and keeps at most ``max_active`` in memory,
-evicting the least recently used one that no running request holds.
+evicting the least recently used one that no running request holds. It also holds
+*in-memory* adapters registered by name (``register``, key ``memory:<name>``): a trainer
+(GRPO) serves its current policy this way without writing it to disk, replacing the tensors
+each step. Every registration is a new version with its own prefix-cache key, so latents
+computed under old weights are never reused.
 """
 
 from __future__ import annotations
@@ -39,17 +43,24 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
+MEMORY_PREFIX = "memory:"
+
+
 @dataclass
 class LoRAAdapter:
-    """One loaded adapter: module name -> (A [r, in], B [out, r], scale)."""
+    """One loaded adapter: module name -> (A [r, in], B [out, r], scale).
+
+    ``path`` is the resolved directory, or ``memory:<name>`` for a registered in-memory
+    adapter, whose ``version`` counts its registrations (0 for directories)."""
 
     path: str
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    version: int = 0
 
     @property
     def key(self) -> str:
-        """What prefix-cache hashes use to tell adapters apart."""
-        return self.path
+        """What prefix-cache hashes use to tell adapters apart (versions included)."""
+        return f"{self.path}@{self.version}" if self.version else self.path
 
 
 def check_adapter_dir(path: str | Path) -> Path:
@@ -81,20 +92,50 @@ def load_adapter(
     """
     p = check_adapter_dir(path)
     cfg = json.loads((p / CONFIG_NAME).read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{p / CONFIG_NAME}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    if cfg.get("use_dora"):
-        raise ValueError(f"{p / CONFIG_NAME}: DoRA adapters are not supported")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{p / CONFIG_NAME}: bias {cfg['bias']!r} is not supported")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(p / WEIGHTS_NAME), framework="pt") as f:
-        for key in f.keys():
-            m = _KEY_RE.match(key)
-            if m is None:
-                raise ValueError(f"{p / WEIGHTS_NAME}: tensor {key} is not a LoRA A/B weight")
-            pairs.setdefault(m.group(1), {})[m.group(2)] = f.get_tensor(key)
-    adapter = LoRAAdapter(path=str(p))
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return adapter_from_state(
+        str(p),
+        cfg,
+        tensors,
+        model,
+        dtype,
+        device,
+        config_label=str(p / CONFIG_NAME),
+        weights_label=str(p / WEIGHTS_NAME),
+    )
+
+
+def adapter_from_state(
+    path: str,
+    cfg: dict,
+    tensors: dict[str, torch.Tensor],
+    model: nn.Module,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    *,
+    version: int = 0,
+    config_label: str = "adapter config",
+    weights_label: str = "adapter tensors",
+) -> LoRAAdapter:
+    """A ``LoRAAdapter`` from a PEFT adapter config (``adapter_config.json`` as a dict) and
+    its state dict (PEFT key names), checked against ``model`` as ``load_adapter`` checks
+    files. The tensors are copied (cast to ``dtype`` on ``device``), so the caller may go on
+    changing its own. Raises ValueError naming the label and tensor for what does not fit.
+    """
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_label}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    if cfg.get("use_dora"):
+        raise ValueError(f"{config_label}: DoRA adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{config_label}: bias {cfg['bias']!r} is not supported")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise ValueError(f"{weights_label}: tensor {key} is not a LoRA A/B weight")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+    adapter = LoRAAdapter(path=path, version=version)
     for name, ab in sorted(pairs.items()):
         try:
             layer = model.get_submodule(name)
@@ -103,31 +144,39 @@ def load_adapter(
         # A linear layer, or the MoE router (peft adapts its weight via target_parameters).
         weight = getattr(layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"{p / WEIGHTS_NAME}: {name} is not a linear layer of the model")
+            raise ValueError(f"{weights_label}: {name} is not a linear layer of the model")
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"{p / WEIGHTS_NAME}: {name} lacks lora_A or lora_B")
+            raise ValueError(f"{weights_label}: {name} lacks lora_A or lora_B")
         a, b = ab["A"], ab["B"]
         r = a.shape[0]
         out_f, in_f = weight.shape
         if a.shape != (r, in_f) or b.shape != (out_f, r):
             raise ValueError(
-                f"{p / WEIGHTS_NAME}: {name} has A {list(a.shape)} and B {list(b.shape)}, "
+                f"{weights_label}: {name} has A {list(a.shape)} and B {list(b.shape)}, "
                 f"layer is {out_f}x{in_f}"
             )
+        # clone: a trainer may update its tensors in place while this adapter is served.
         adapter.weights[name] = (
-            a.to(device=device, dtype=dtype).contiguous(),
-            b.to(device=device, dtype=dtype).contiguous(),
+            a.detach().to(device=device, dtype=dtype).clone().contiguous(),
+            b.detach().to(device=device, dtype=dtype).clone().contiguous(),
             _scale(cfg, name, r),
         )
     return adapter
 
 
 class AdapterCache:
-    """At most ``max_active`` loaded adapters, least recently used evicted first.
+    """At most ``max_active`` loaded adapters, least recently used evicted first, plus any
+    number of registered in-memory adapters (never evicted, not counted in ``max_active``).
 
     ``acquire(path)`` returns the adapter (loading it if needed) and pins it; ``release``
     unpins. Returns None from ``acquire`` when every slot is pinned (the caller waits).
-    Thread-safe, though the engine only calls it from its scheduler thread.
+
+    In-memory adapters: ``register`` adds a new version; a request takes a reference to
+    the current version with ``resolve`` (which returns its versioned key, what ``acquire``
+    then takes) and gives it back with ``unref`` when it ends, so a request keeps the
+    weights it was admitted with even across a preemption, and an old version is dropped
+    once no request refers to it. Thread-safe: ``register`` and ``resolve`` may run on any
+    thread, the rest runs on the engine's scheduler thread.
     """
 
     def __init__(self, model: nn.Module, max_active: int, dtype: torch.dtype, device):
@@ -136,9 +185,90 @@ class AdapterCache:
         self.model, self.max_active, self.dtype, self.device = model, max_active, dtype, device
         self._loaded: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self._pins: dict[str, int] = {}
+        self._memory: dict[str, LoRAAdapter] = {}  # memory:<name> -> its current version
+        self._versions: dict[str, LoRAAdapter] = {}  # versioned key -> current or referred to
+        self._refs: dict[str, int] = {}  # versioned key -> requests referring to it
         self._lock = threading.Lock()
 
+    # ---- in-memory adapters -------------------------------------------------------------
+
+    def register(self, name: str, cfg: dict, tensors: dict[str, torch.Tensor]) -> str:
+        """Add or replace the in-memory adapter ``name`` from a PEFT config dict and state
+        dict (see ``adapter_from_state``; tensors are copied). Returns ``memory:<name>``, the
+        value for ``Request.adapter``. Requests that already resolved it keep the old
+        weights; later ones get the new. Raises ValueError for an empty name or tensors
+        that do not fit the model."""
+        if not name or not isinstance(name, str):
+            raise ValueError(f"an in-memory adapter needs a non-empty name, got {name!r}")
+        path = MEMORY_PREFIX + name
+        with self._lock:
+            old = self._memory.get(path)
+            version = (old.version if old else 0) + 1
+        adapter = adapter_from_state(
+            path,
+            cfg,
+            tensors,
+            self.model,
+            self.dtype,
+            self.device,
+            version=version,
+            config_label=f"adapter {path}: config",
+            weights_label=f"adapter {path}",
+        )
+        with self._lock:
+            self._memory[path] = adapter
+            self._versions[adapter.key] = adapter
+            if old is not None:
+                self._drop_if_unused(old.key)
+        return path
+
+    def unregister(self, name: str) -> None:
+        """Forget the in-memory adapter ``name``; requests that resolved it finish with it."""
+        path = name if name.startswith(MEMORY_PREFIX) else MEMORY_PREFIX + name
+        with self._lock:
+            old = self._memory.pop(path, None)
+            if old is not None:
+                self._drop_if_unused(old.key)
+
+    def is_registered(self, path: str) -> bool:
+        with self._lock:
+            return path in self._memory
+
+    def resolve(self, path: str) -> str:
+        """The key ``acquire`` takes for a request's adapter. For an in-memory adapter: the
+        current version's key, referenced until ``unref``; otherwise the path itself.
+        Raises ValueError for an in-memory name that is not registered."""
+        if not path.startswith(MEMORY_PREFIX):
+            return path
+        with self._lock:
+            adapter = self._memory.get(path)
+            if adapter is None:
+                raise ValueError(f"adapter {path} is not registered with this engine")
+            self._refs[adapter.key] = self._refs.get(adapter.key, 0) + 1
+            return adapter.key
+
+    def unref(self, key: str | None) -> None:
+        """A request that ``resolve``d ``key`` has ended. Other keys are ignored."""
+        if key is None or not key.startswith(MEMORY_PREFIX):
+            return
+        with self._lock:
+            self._refs[key] = self._refs.get(key, 1) - 1
+            self._drop_if_unused(key)
+
+    def _drop_if_unused(self, key: str) -> None:
+        adapter = self._versions.get(key)
+        if adapter is None or self._refs.get(key, 0) > 0:
+            return
+        if self._memory.get(adapter.path) is not adapter:  # replaced or unregistered
+            del self._versions[key]
+            self._refs.pop(key, None)
+
+    # ---- adapter directories (and the pins of both kinds) -------------------------------
+
     def acquire(self, path: str) -> LoRAAdapter | None:
+        if path.startswith(MEMORY_PREFIX):
+            with self._lock:
+                return self._versions[path]  # referenced since resolve, so still here
         key = str(Path(path).resolve())
         with self._lock:
             if key in self._loaded:
@@ -154,6 +284,8 @@ class AdapterCache:
             return self._loaded[key]
 
     def release(self, adapter: LoRAAdapter) -> None:
+        if adapter.version:  # in-memory: never evicted, so never pinned; see unref
+            return
         with self._lock:
             self._pins[adapter.path] -= 1
 
@@ -177,10 +309,10 @@ class LoRABatch:
             if a is None:
                 slots.append(-1)
                 continue
-            if a.path not in slot_of:
-                slot_of[a.path] = len(self.adapters)
+            if a.key not in slot_of:  # the key: two versions of one in-memory adapter differ
+                slot_of[a.key] = len(self.adapters)
                 self.adapters.append(a)
-            slots.append(slot_of[a.path])
+            slots.append(slot_of[a.key])
         self.row_slot = torch.tensor(slots, dtype=torch.int64, device=device)
         self.rows = [
             (a, (self.row_slot == i).nonzero().squeeze(1)) for i, a in enumerate(self.adapters)
