@@ -14,7 +14,9 @@ Flower client with our own FP8 model and in-memory state. The tests run TRL's ow
 Proved by tests/finetune/test_grpo.py (loss, gradient and logged statistics equal TRL's
 for every loss type, both importance-sampling levels, with and without KL; advantages) and
 tests/finetune/test_grpo_loop.py (update direction, metrics, exact resume, dynamic
-sampling, the domain reward, the CLI).
+sampling, the domain reward, the CLI); tests/finetune/test_grpo_engine.py proves that the
+serving engine samples from the current policy (same tokens and logits as the training
+model, no stale weights after an update).
 
 Shapes: B completions of up to T tokens. ``logps``, ``old_logps``, ``ref_logps`` and
 ``mask`` are [B, T] (log-probabilities of the sampled tokens; mask 1 on completion tokens
@@ -38,6 +40,7 @@ import torch
 
 import inference
 from finetune.callbacks import NullCallbacks, TrainingCallbacks, check_stop_request
+from inference.kv_cache import latent_bytes_per_token
 
 if TYPE_CHECKING:
     from finetune.domains import TaskItem
@@ -206,11 +209,14 @@ def grpo_loss(
 
 # ---- the training loop --------------------------------------------------------------------
 #
-# Sampling runs on the policy itself (the LoRA-wrapped training model, full forward per new
-# token, no KV cache), not on the serving engine: the engine takes adapters only as PEFT
-# directories on disk and loads its own copy of the base model, and a policy that changes
-# every step would have to be written to disk each time, which plaintext-derived adapters
-# must never be. Slow for long completions; right for the small groups the tests and demos use.
+# Groups are sampled by the serving engine (continuous batching, paged latent KV cache), as
+# vLLM samples for TRL, but in process and without files: the engine runs on a view of the
+# training model's frozen FP8 base (``lora.base_view``, no weight copied) and serves the
+# current policy as an in-memory adapter, re-registered after every optimizer update (a
+# copy of the small LoRA tensors; plaintext-derived adapters never touch the disk). Each
+# registration is a new adapter version, so no latent cached under older weights is reused.
+# Log-probabilities for the loss (and the old and reference ones) come from the training
+# model's own full forward, as in TRL.
 
 
 @dataclass
@@ -318,14 +324,17 @@ def train_grpo(
     ``tasks``: ``finetune.domains`` TaskItems (or their ``to_dict`` form); prompts are their
     chat messages, drawn in an order fixed by the seed. ``reward_fn(completion_text, item)``
     scores a completion (decoded without special tokens); default ``domains.reward`` (format
-    0.2 + correct 0.8); None marks a completion it cannot score (advantage 0, as in TRL). Each step samples ``group_size`` completions for each of
-    ``prompts_per_step`` prompts, scores them, computes group advantages and takes
+    0.2 + correct 0.8); None marks a completion it cannot score (advantage 0, as in TRL).
+    Each step samples ``group_size`` completions for each of ``prompts_per_step`` prompts in
+    one batch through the serving engine, scores them, computes group advantages and takes
     ``num_iterations`` optimizer steps on ``grpo_loss`` (one micro-batch per group).
 
     on_metrics gets, per logged step: step, reward_mean, reward_std (over every sampled
-    completion), unscorable_fraction, frac_reward_zero_std, groups_sampled, groups_kept, loss, kl (beta > 0),
-    entropy, clip_ratio_low/high/region, completion_length (mean, plus _min/_max),
-    terminated_fraction (ended with eos), lr, grad_norm, elapsed_s, eta_s.
+    completion), unscorable_fraction, frac_reward_zero_std, groups_sampled, groups_kept,
+    loss, kl (beta > 0), entropy, clip_ratio_low/high/region, completion_length (mean, plus _min/_max),
+    terminated_fraction (ended with eos), lr, grad_norm, generation_s (sampling through
+    the serving engine), step_s (the whole step) and generation_share (their ratio),
+    elapsed_s, eta_s.
     ``resume_state``/``on_checkpoint`` state resumes exactly, as in ``train_sft``.
 
     Raises ValueError for a bad config, no tasks, or a state/adapter that does not fit.
@@ -396,100 +405,122 @@ def train_grpo(
     def clock() -> float:
         return time.perf_counter() - start_time
 
-    status, last_metrics = "succeeded", {}
-    while step < config.max_steps:
-        request = check_stop_request(callbacks.should_stop())
-        if request is not None:
-            status = "cancelled" if request == "cancel" else "paused"
-            break
-        # -- sample and score groups (dynamic sampling drops groups without signal)
-        policy.eval()
-        kept: list[_Group] = []
-        all_rewards: list[torch.Tensor] = []
-        rounds = config.max_sampling_rounds if config.dynamic_sampling else 1
-        for _ in range(rounds):
-            for _ in range(config.prompts_per_step - len(kept)):
-                index = _prompt_index(cursor, len(items), config.seed)
-                group = _sample_group(
-                    policy,
-                    prompts[index],
+    engine = sampling_engine(policy, config)
+    try:
+        status, last_metrics = "succeeded", {}
+        while step < config.max_steps:
+            request = check_stop_request(callbacks.should_stop())
+            if request is not None:
+                status = "cancelled" if request == "cancel" else "paused"
+                break
+            step_start = time.perf_counter()
+            # -- sample and score groups (dynamic sampling drops groups without signal)
+            adapter = engine.register_adapter(SAMPLING_ADAPTER, *lora.serving_state(policy))
+            generation_s = time.perf_counter() - step_start
+            kept: list[_Group] = []
+            all_rewards: list[torch.Tensor] = []
+            rounds = config.max_sampling_rounds if config.dynamic_sampling else 1
+            for _ in range(rounds):
+                want = config.prompts_per_step - len(kept)
+                indices = [_prompt_index(cursor + k, len(items), config.seed) for k in range(want)]
+                t0 = time.perf_counter()
+                groups = sample_groups(
+                    engine,
+                    adapter,
+                    [prompts[i] for i in indices],
+                    [_sample_seed(config.seed, cursor + k) for k in range(want)],
                     config,
                     eos_id,
                     PAD_ID,
-                    torch.Generator().manual_seed(_sample_seed(config.seed, cursor)),
                     device,
                 )
-                cursor += 1
-                texts = [
-                    tokenizer.decode(ids[: int(n)].tolist(), skip_special_tokens=True)
-                    for ids, n in zip(group.completion, group.mask.sum(1), strict=True)
+                generation_s += time.perf_counter() - t0
+                cursor += want
+                for index, group in zip(indices, groups, strict=True):
+                    texts = [
+                        tokenizer.decode(ids[: int(n)].tolist(), skip_special_tokens=True)
+                        for ids, n in zip(group.completion, group.mask.sum(1), strict=True)
+                    ]
+                    group.rewards = torch.tensor(
+                        [_reward_value(reward_fn(text, items[index])) for text in texts]
+                    )
+                    all_rewards.append(group.rewards)
+                    if (
+                        config.dynamic_sampling
+                        and zero_std_fraction(group.rewards, len(texts)) == 1
+                    ):
+                        continue
+                    kept.append(group)
+                if len(kept) == config.prompts_per_step:
+                    break
+
+            # -- advantages, reference and old log-probabilities
+            policy.train()
+            metrics: dict = {}
+            if kept:
+                advantages = group_advantages(
+                    torch.cat([g.rewards for g in kept]), config.group_size, config.scale_rewards
+                ).split(config.group_size)
+                num_items = sum(float(g.mask.sum()) for g in kept)
+                with torch.no_grad():
+                    for g in kept:
+                        if config.beta:
+                            with policy.disable_adapter():
+                                g.ref_logps = _completion_logps(policy, g, config.temperature)[0]
+                        if config.num_iterations > 1:
+                            g.old_logps = _completion_logps(policy, g, config.temperature)[0]
+                per_iteration = [
+                    _update(
+                        policy, kept, advantages, num_items, config, optimizer, scheduler, params
+                    )
+                    for _ in range(config.num_iterations)
                 ]
-                group.rewards = torch.tensor(
-                    [_reward_value(reward_fn(text, items[index])) for text in texts]
+                # Averaged over the iterations, as TRL averages what it logs between reports.
+                metrics = {
+                    k: sum(m[k] for m in per_iteration) / len(per_iteration)
+                    for k in per_iteration[0]
+                }
+                metrics["lr"] = per_iteration[0]["lr"]
+            step += 1
+            step_s = time.perf_counter() - step_start
+
+            rewards = torch.cat(all_rewards)
+            lengths = torch.cat([g.mask.sum(1) for g in kept]) if kept else torch.zeros(1)
+            done_here = step - start_step
+            if step % config.log_every == 0 or step == config.max_steps:
+                metrics.update(
+                    step=step,
+                    reward_mean=torch.nanmean(rewards).item(),
+                    reward_std=nanstd(rewards).item() if rewards.numel() > 1 else 0.0,
+                    unscorable_fraction=rewards.isnan().float().mean().item(),
+                    frac_reward_zero_std=sum(
+                        zero_std_fraction(r, config.group_size) for r in all_rewards
+                    )
+                    / len(all_rewards),
+                    groups_sampled=len(all_rewards),
+                    groups_kept=len(kept),
+                    completion_length=lengths.float().mean().item(),
+                    completion_length_min=lengths.min().item(),
+                    completion_length_max=lengths.max().item(),
+                    terminated_fraction=(
+                        torch.cat([g.terminated for g in kept]).float().mean().item()
+                        if kept
+                        else 0.0
+                    ),
+                    generation_s=generation_s,
+                    step_s=step_s,
+                    generation_share=generation_s / step_s,
+                    elapsed_s=elapsed_before + clock(),
+                    eta_s=clock() / done_here * (config.max_steps - step),
                 )
-                all_rewards.append(group.rewards)
-                if config.dynamic_sampling and zero_std_fraction(group.rewards, len(texts)) == 1:
-                    continue
-                kept.append(group)
-            if len(kept) == config.prompts_per_step:
-                break
+                metrics.setdefault("lr", scheduler.get_last_lr()[0])
+                callbacks.on_metrics(metrics)
+                last_metrics = metrics
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                callbacks.on_checkpoint(step, save())
 
-        # -- advantages, reference and old log-probabilities
-        policy.train()
-        metrics: dict = {}
-        if kept:
-            advantages = group_advantages(
-                torch.cat([g.rewards for g in kept]), config.group_size, config.scale_rewards
-            ).split(config.group_size)
-            num_items = sum(float(g.mask.sum()) for g in kept)
-            with torch.no_grad():
-                for g in kept:
-                    if config.beta:
-                        with policy.disable_adapter():
-                            g.ref_logps = _completion_logps(policy, g, config.temperature)[0]
-                    if config.num_iterations > 1:
-                        g.old_logps = _completion_logps(policy, g, config.temperature)[0]
-            per_iteration = [
-                _update(policy, kept, advantages, num_items, config, optimizer, scheduler, params)
-                for _ in range(config.num_iterations)
-            ]
-            # Averaged over the iterations, as TRL averages what it logs between reports.
-            metrics = {
-                k: sum(m[k] for m in per_iteration) / len(per_iteration) for k in per_iteration[0]
-            }
-            metrics["lr"] = per_iteration[0]["lr"]
-        step += 1
-
-        rewards = torch.cat(all_rewards)
-        lengths = torch.cat([g.mask.sum(1) for g in kept]) if kept else torch.zeros(1)
-        done_here = step - start_step
-        if step % config.log_every == 0 or step == config.max_steps:
-            metrics.update(
-                step=step,
-                reward_mean=torch.nanmean(rewards).item(),
-                reward_std=nanstd(rewards).item() if rewards.numel() > 1 else 0.0,
-                unscorable_fraction=rewards.isnan().float().mean().item(),
-                frac_reward_zero_std=sum(
-                    zero_std_fraction(r, config.group_size) for r in all_rewards
-                )
-                / len(all_rewards),
-                groups_sampled=len(all_rewards),
-                groups_kept=len(kept),
-                completion_length=lengths.float().mean().item(),
-                completion_length_min=lengths.min().item(),
-                completion_length_max=lengths.max().item(),
-                terminated_fraction=(
-                    torch.cat([g.terminated for g in kept]).float().mean().item() if kept else 0.0
-                ),
-                elapsed_s=elapsed_before + clock(),
-                eta_s=clock() / done_here * (config.max_steps - step),
-            )
-            metrics.setdefault("lr", scheduler.get_last_lr()[0])
-            callbacks.on_metrics(metrics)
-            last_metrics = metrics
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            callbacks.on_checkpoint(step, save())
-
+    finally:
+        engine.close()
     return GRPOResult(
         status=status,
         steps=step,
@@ -531,37 +562,76 @@ def _sample_seed(seed: int, cursor: int) -> int:
     return int.from_bytes(hashlib.sha256(f"grpo-sample:{seed}:{cursor}".encode()).digest()[:8])
 
 
-@torch.no_grad()
-def _sample_group(
-    model, prompt: list[int], config: GRPOConfig, eos_id: int, pad_id: int, generator, device
-) -> _Group:
-    """``group_size`` completions of ``prompt`` with temperature and top-p sampling."""
-    g = config.group_size
-    prompt_t = torch.tensor(prompt, dtype=torch.long, device=device).repeat(g, 1)
-    ids = prompt_t
-    done = torch.zeros(g, dtype=torch.bool)
-    out = []
-    for _ in range(config.max_completion_length):
-        logits = model(ids)[:, -1].float().cpu() / config.temperature
-        if config.top_p < 1:
-            sorted_x, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_x.softmax(-1)
-            drop = probs.cumsum(-1) - probs >= config.top_p
-            logits = logits.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
-        token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        out.append(token)
-        ids = torch.cat([ids, token.to(device)[:, None]], dim=1)
-        done |= token == eos_id
-        if done.all():
-            break
-    completion = torch.stack(out, dim=1)
-    is_eos = completion == eos_id
-    first_eos = torch.where(
-        is_eos.any(1), is_eos.float().argmax(1), torch.full((g,), completion.shape[1])
+SAMPLING_ADAPTER = "grpo-policy"  # the policy's name in the sampling engine
+ENGINE_BLOCK_SIZE = 16
+ENGINE_BATCH_TOKENS = 2048  # prefill tokens per engine step: the groups' prompts at once
+
+
+def sampling_engine(policy, config: GRPOConfig) -> inference.Engine:
+    """A serving engine over ``policy``'s base weights (shared, not copied), sized for one
+    step's groups: its latent cache holds every completion of the step at full length."""
+    from finetune import lora
+
+    view = lora.base_view(policy)
+    n_seqs = config.prompts_per_step * config.group_size
+    per_seq = config.max_prompt_len + config.max_completion_length + ENGINE_BLOCK_SIZE
+    per_token = latent_bytes_per_token(view.config, view.compute_dtype)
+    return inference.Engine(
+        config.model_path,
+        model=view,
+        max_batch_tokens=max(ENGINE_BATCH_TOKENS, n_seqs),
+        kv_cache_bytes=n_seqs * per_seq * per_token,
+        block_size=ENGINE_BLOCK_SIZE,
+        max_num_seqs=n_seqs,
     )
-    mask = (torch.arange(completion.shape[1])[None, :] <= first_eos[:, None]).float()
-    return _Group(prompt_t, completion.to(device), mask.to(device), is_eos.any(1))
+
+
+def sample_groups(
+    engine: inference.Engine,
+    adapter: str,
+    prompts: Sequence[list[int]],
+    seeds: Sequence[int],
+    config: GRPOConfig,
+    eos_id: int,
+    pad_id: int,
+    device,
+) -> list[_Group]:
+    """``group_size`` completions of each prompt, all in one batch through ``engine`` with
+    the in-memory ``adapter``: temperature and top-p sampling, up to
+    ``max_completion_length`` tokens, stopping at ``eos_id`` (the tokenizer's, whatever the
+    model config names). Completion j of a prompt samples with seed ``seeds[i] + j``, so a
+    resumed run draws what the first run drew."""
+    g = config.group_size
+    requests = [
+        inference.Request(
+            prompt_token_ids=list(prompt),
+            adapter=adapter,
+            sampling=inference.SamplingParams(
+                temperature=config.temperature,
+                top_p=config.top_p,
+                max_tokens=config.max_completion_length,
+                seed=(seed + j) % 2**64,
+                ignore_eos=True,
+                stop_token_ids=[eos_id],
+            ),
+        )
+        for prompt, seed in zip(prompts, seeds, strict=True)
+        for j in range(g)
+    ]
+    completions = engine.generate(requests)
+    groups = []
+    for i, prompt in enumerate(prompts):
+        outs = [c.token_ids for c in completions[i * g : (i + 1) * g]]
+        width = max(len(o) for o in outs)
+        completion = torch.full((g, width), pad_id, dtype=torch.long)
+        for row, ids in enumerate(outs):
+            completion[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        is_eos = completion == eos_id
+        first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((g,), width))
+        mask = (torch.arange(width)[None, :] <= first_eos[:, None]).float()
+        prompt_t = torch.tensor(prompt, dtype=torch.long, device=device).repeat(g, 1)
+        groups.append(_Group(prompt_t, completion.to(device), mask.to(device), is_eos.any(1)))
+    return groups
 
 
 def _completion_logps(model, group: _Group, temperature: float):

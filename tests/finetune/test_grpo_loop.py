@@ -1,4 +1,5 @@
-"""The GRPO training loop on a tiny FP8 model: the update direction, metrics, exact resume,
+"""The GRPO training loop on a tiny FP8 model, sampling through the serving engine: the
+update direction, metrics (with the share of each step spent generating), exact resume,
 dynamic sampling and the domain suites' reward."""
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def test_one_update_moves_logprobs_towards_the_advantage(model_dir, loss_type):
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    group = grpo._sample_group(
-        policy, [0, 4, 20, 30, 40, 1, 5], config, 1, 2, torch.Generator().manual_seed(0), "cpu"
-    )
+    with grpo.sampling_engine(policy, config) as engine:
+        adapter = engine.register_adapter("policy", *lora.serving_state(policy))
+        [group] = grpo.sample_groups(
+            engine, adapter, [[0, 4, 20, 30, 40, 1, 5]], [0], config, 1, 2, "cpu"
+        )
     advantages = grpo.group_advantages(torch.arange(8.0), 8)
     with torch.no_grad():
         before = grpo._completion_logps(policy, group, 1.0)[0]
@@ -86,10 +89,16 @@ def test_metrics_and_pause_resume_in_a_fresh_model_match_an_uninterrupted_run(mo
         "completion_length",
         "lr",
         "grad_norm",
+        "generation_s",
+        "step_s",
+        "generation_share",
         "elapsed_s",
         "eta_s",
     ):
         assert isinstance(m[key], float), key
+    for step in full_rec.metrics:  # the share of each step spent sampling in the engine
+        assert 0 < step["generation_s"] < step["step_s"]
+        assert step["generation_share"] == pytest.approx(step["generation_s"] / step["step_s"])
     assert m["groups_sampled"] == m["groups_kept"] == 2 and m["eta_s"] == 0
     assert 1 <= m["completion_length"] <= 4 and m["kl"] >= 0 and m["entropy"] > 0
     assert m["kl"] > 0  # the policy has moved away from the base model
