@@ -73,13 +73,39 @@ def pytest_sessionfinish(session, exitstatus):
         pass  # the session already failed on an unreachable Redis
 
 
-@pytest.fixture(scope="session")
-def test_database_url(django_db_setup, django_db_blocker) -> str:
-    """The URL of the database pytest-django created, for child processes."""
+#: The role child processes connect as: no superuser, no BYPASSRLS, owns no table, so the
+#: row-level security policies apply to them as in production (controlplane.rls).
+APP_ROLE = "enclave_app"
+
+
+def _database_url(user: str, password: str = "") -> str:
     from django.conf import settings
 
     db = settings.DATABASES["default"]
-    return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
+    auth = f"{user}:{password}" if password else user
+    return f"postgres://{auth}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def test_database_owner_url(django_db_setup) -> str:
+    """The database pytest-django created, as its owner (the role migrations ran as)."""
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    return _database_url(db["USER"], db["PASSWORD"] or "")
+
+
+@pytest.fixture(scope="session")
+def test_database_url(test_database_owner_url, django_db_blocker) -> str:
+    """The same database as the application's role, for child processes (web, workers)."""
+    from django.conf import settings
+
+    from controlplane.rls.roles import app_role_ensure
+
+    password = settings.DATABASES["default"]["PASSWORD"] or ""
+    with django_db_blocker.unblock():
+        app_role_ensure(role=APP_ROLE, password=password or None)
+    return _database_url(APP_ROLE, password)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from rest_framework import exceptions, permissions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.throttling import BaseThrottle
 
+from controlplane.rls.context import tenant_narrow
 from controlplane.tenancy.models import Role, Tenant
 from controlplane.tenancy.services import RateLimited, api_key_authenticate, rate_limit_consume
 
@@ -43,7 +44,8 @@ class ApiKeyRefused(Exception):
 def principal_from_authorization(header: str) -> Principal | None:
     """The Principal an `Authorization` header names; None when there is no header.
 
-    Raises ApiKeyRefused for anything but a valid `Bearer <key>`.
+    Raises ApiKeyRefused for anything but a valid `Bearer <key>`. Narrows the calling
+    thread's database connection to the key's tenant (controlplane.rls).
     """
     if not header:
         return None
@@ -55,6 +57,9 @@ def principal_from_authorization(header: str) -> Principal | None:
         raise ApiKeyRefused(
             "Incorrect, revoked or expired API key provided.", code="invalid_api_key"
         )
+    # The second wall: from here to the end of the request this thread's database
+    # connection sees only this tenant's rows (PostgreSQL row-level security).
+    tenant_narrow(tenant_id=key.tenant_id)
     return Principal(tenant=key.tenant, role=key.role, actor=f"key:{key.prefix}")
 
 

@@ -20,6 +20,7 @@ from django.urls import reverse
 
 from controlplane.api import Principal
 from controlplane.audit.services import audit_event_record
+from controlplane.rls.context import tenant_narrow
 from controlplane.tenancy.models import Membership, Role
 from controlplane.tenancy.selectors import memberships_of_user
 
@@ -49,6 +50,7 @@ def principal_for(request) -> Principal | None:
         return None
     wanted = request.session.get(SESSION_TENANT)
     membership = next((m for m in memberships if m.tenant_id == wanted), memberships[0])
+    tenant_narrow(tenant_id=membership.tenant_id)  # row-level security, until the request ends
     return Principal(
         tenant=membership.tenant, role=membership.role, actor=f"user:{request.user.get_username()}"
     )
