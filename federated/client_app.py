@@ -152,6 +152,7 @@ class NodeTrainer:
         self.name = str(node_config.get("participant", ""))
         self._data: tuple[list[dict], list[dict]] | None = None
         self._eval_models: dict[tuple, tuple[Any, Any]] = {}
+        self._bases: dict[str, tuple[Any, Any]] = {}  # model path -> (base model, tokenizer)
         self.secagg_clients: dict[str, Any] = {}  # round id -> SecAggClient (this round only)
         self.pending: dict[str, Any] = {}  # round id -> weighted payload awaiting masking
 
@@ -164,14 +165,30 @@ class NodeTrainer:
     def _model_path(self, config: Mapping[str, Any]) -> str:
         return str(self.node_config.get("model-path") or config["model-path"])
 
+    def base(self, path: str) -> tuple[Any, Any]:
+        """(base model, tokenizer) of ``path``, loaded once: train_sft copies the model for
+        each round instead of reading the checkpoint again."""
+        if path not in self._bases:
+            import inference
+            from finetune.tokenizer import load_tokenizer
+
+            self._bases[path] = (inference.load_model(path), load_tokenizer(path))
+        return self._bases[path]
+
     def train(self, tensors: dict, config: Mapping[str, Any]) -> tuple[dict, dict]:
-        """Train from the global adapter; returns (adapter tensors, metrics)."""
+        """Train from the global adapter; returns (adapter tensors, metrics).
+
+        ``aggregation`` "ffa": A is frozen (``SFTConfig.freeze``) and only B is sent back.
+        ``proximal-mu`` > 0 (FedProx): the loss gets (mu/2) ||w - w_global||^2 over the
+        adapter, so the update stays near the round's global adapter.
+        """
         from finetune import lora
         from finetune.sft import SFTConfig, train_sft
 
         train_rows, _ = self.data
         name = str(self.node_config.get("participant", ""))
         seed = int(config["seed"]) * 1000 + int(config["server-round"]) + _stable_hash(name)
+        ffa = config.get("aggregation") == "ffa"
         sft_config = SFTConfig(
             model_path=self._model_path(config),
             lora_r=int(config["lora-r"]),
@@ -182,19 +199,21 @@ class NodeTrainer:
             batch_size=int(config["batch-size"]),
             max_seq_len=int(config["max-seq-len"]),
             seed=seed,
+            freeze=("lora_A",) if ffa else (),
         )
+        mu = float(config.get("proximal-mu", 0.0) or 0.0)
+        base_model, tokenizer = self.base(sft_config.model_path)
         start = time.perf_counter()
         result = train_sft(
             sft_config,
             train_examples=[_sft_row(r) for r in train_rows],
             initial_adapter=adapter_files_from(tensors, config["adapter-config"]),
+            extra_loss=proximal_term(tensors, mu) if mu > 0 else None,
+            base_model=base_model,
+            tokenizer=tokenizer,
         )
         seconds = time.perf_counter() - start
         _, trained = lora.read_adapter_files(result.adapter_files)
-        if config.get("aggregation") == "ffa":
-            # FFA-LoRA: A stays the shared init; only B is averaged, which makes the average
-            # of the products exact. finetune.sft cannot freeze A yet, so A is reset here.
-            trained = {k: v for k, v in trained.items() if "lora_A" not in k}
         metrics = {
             "num-examples": len(train_rows),
             "train_loss": float(result.metrics.get("loss", float("nan"))),
@@ -203,6 +222,17 @@ class NodeTrainer:
             "steps": int(result.steps),
             "trainer_pid": os.getpid(),  # the same across rounds: the trainer stays warm
         }
+        if mu > 0:
+            metrics["proximal_term"] = float(result.metrics.get("extra_loss", float("nan")))
+        if ffa:
+            # FFA-LoRA: A never left the shared init (frozen), so only B travels and the
+            # average of the members' products B_i A is exact. The change of A is reported
+            # so the server's log shows that (0.0 exactly when frozen).
+            metrics["lora_A_change"] = max(
+                (float((trained[k] - tensors[k]).abs().max()) for k in trained if "lora_A" in k),
+                default=0.0,
+            )
+            trained = {k: v for k, v in trained.items() if "lora_A" not in k}
         if config.get("dp-clip") is None and not config.get("secagg"):
             return trained, metrics
         return self._private_update(tensors, trained, config, metrics)
@@ -316,17 +346,18 @@ class NodeTrainer:
 
     def _eval_model(self, tensors: dict, config: Mapping[str, Any]):
         """The base model with this adapter, loaded once per (model, adapter shape)."""
-        import inference
+        import copy
+
         from finetune import lora
-        from finetune.tokenizer import load_tokenizer
 
         path = self._model_path(config)
         key = (path, config["adapter-config"])
         if key not in self._eval_models:
             files = adapter_files_from(tensors, config["adapter-config"])
-            model = lora.load_adapter(inference.load_model(path), files)
+            base, tokenizer = self.base(path)
+            model = lora.load_adapter(copy.deepcopy(base), files)
             model.eval()
-            self._eval_models[key] = (model, load_tokenizer(path))
+            self._eval_models[key] = (model, tokenizer)
         else:
             from peft import set_peft_model_state_dict
 
@@ -345,6 +376,25 @@ class NodeTrainer:
         if kind.startswith("secagg"):
             return self.secagg_stage(kind, arrays, config)
         raise ValueError(f"unknown request {kind!r}")
+
+
+def proximal_term(global_tensors: Mapping[str, Any], mu: float):
+    """FedProx's extra loss for ``train_sft``: model -> (mu/2) ||w - w_global||^2 over the
+    trainable LoRA weights, named as in PEFT files (the in-memory ``.default`` dropped)."""
+    from federated.aggregation import fedprox_penalty
+    from finetune.lora import ADAPTER_NAME
+
+    reference = {k: v.detach().clone() for k, v in global_tensors.items()}
+
+    def term(model):
+        params = {
+            n.replace(f".{ADAPTER_NAME}.", "."): p
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+        return fedprox_penalty(params, reference, mu)
+
+    return term
 
 
 def greedy_completion(model, tokenizer, prompt: list[dict], max_new_tokens: int) -> str:

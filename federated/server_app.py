@@ -226,6 +226,7 @@ class Federation:
             m.content.array_records["arrays"].count_bytes() for m in valid if "arrays" in m.content
         )
         secagg_report: dict = {}
+        lora_error: float | None = None  # unknown under secure aggregation: no single update
         if cfg.secure_aggregation:
             mean_delta, secagg_report = self._secure_mean(rnd, attempt, valid)
             bytes_up += secagg_report.pop("bytes_up")
@@ -235,6 +236,7 @@ class Federation:
                 [m.content for m in valid], "num-examples"
             )
         else:
+            lora_error = self._lora_aggregation_error(valid)
             agg_arrays, train_metrics = self.strategy.aggregate_train(rnd, valid)
             if agg_arrays is None:
                 raise RoundFailed("aggregation produced no adapter")
@@ -280,6 +282,7 @@ class Federation:
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - start,
             "epsilon": epsilon,
+            "lora_aggregation_error": lora_error,
             "members": per_member,
             "train_aggregate": dict(train_metrics or {}),
         }
@@ -390,6 +393,25 @@ class Federation:
 
     # ---- helpers ------------------------------------------------------------------------
 
+    def _lora_aggregation_error(self, replies: list[Message]) -> float | None:
+        """How far this round's weighted mean of the members' factors is from the weighted
+        mean of their products B_i A_i (relative Frobenius, federated.aggregation). FFA
+        replies carry only B; their A is the global one, which each member reports it kept
+        (``lora_A_change``): the error is then 0 up to float rounding, and the largest
+        reported change of A is what could break it."""
+        from federated import aggregation
+
+        updates, weights = [], []
+        for m in replies:
+            if "arrays" not in m.content:
+                return None
+            tensors = m.content.array_records["arrays"].to_torch_state_dict()
+            updates.append({**self.tensors, **tensors})
+            weights.append(float(m.content.metric_records["metrics"]["num-examples"]))
+        if not updates or not aggregation.lora_pairs(list(updates[0])):
+            return None
+        return aggregation.naive_lora_error(updates, weights)["__total__"]
+
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + self.config.wait_for_nodes_s
         while True:
@@ -407,6 +429,9 @@ class Federation:
         extra: dict[str, Any] = {}
         if cfg.secure_aggregation:
             extra = {"secagg": True, "secagg-round": self._secagg_round_id(rnd, attempt)}
+        if cfg.aggregation == "fedprox":
+            # Flower's FedProx strategy adds this too; OwnAggregation (robust rules) does not.
+            extra["proximal-mu"] = float(cfg.proximal_mu)
         if cfg.dp is not None:
             extra["dp-clip"] = cfg.dp.clip_norm
             extra["dp-noise"] = cfg.dp.noise_multiplier
@@ -466,7 +491,7 @@ def _train_metrics(msg: Message) -> dict:
         "trained_tokens": m.get("trained_tokens"),
         "train_seconds": m.get("train_seconds"),
         "trainer_pid": m.get("trainer_pid"),
-        **({"dp_clip_factor": m["dp_clip_factor"]} if "dp_clip_factor" in m else {}),
+        **{k: m[k] for k in ("dp_clip_factor", "lora_A_change", "proximal_term") if k in m},
     }
 
 
