@@ -29,13 +29,15 @@ class TenantObjects:
     adapter: object
     key: object
     federation: object
+    batch: object
 
 
 def make_objects(tenant) -> TenantObjects:
-    """A validated file, a job on it, an adapter, an API key and a federation the tenant
-    owns, made directly (no worker, no base model needed)."""
+    """A validated file, a job on it, an adapter, an API key, a federation the tenant
+    owns and a queued batch, made directly (no worker, no base model needed)."""
     from controlplane.federation.models import Federation, Participant
     from controlplane.files.services import file_create
+    from controlplane.serving.models import Batch
     from controlplane.tenancy.services import api_key_create
     from controlplane.tuning.models import Adapter, FineTuningJob
 
@@ -53,7 +55,8 @@ def make_objects(tenant) -> TenantObjects:
     Participant.objects.create(
         federation=federation, tenant=tenant, status="accepted", training_file=file
     )
-    return TenantObjects(tenant, file, job, adapter, key, federation)
+    batch = Batch.objects.create(tenant=tenant, input_file=file)
+    return TenantObjects(tenant, file, job, adapter, key, federation, batch)
 
 
 @pytest.fixture

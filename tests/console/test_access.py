@@ -10,6 +10,7 @@ from django.urls import reverse
 
 from controlplane.audit.models import AuditEvent
 from controlplane.files.models import File
+from controlplane.serving.models import Batch
 from controlplane.tenancy.models import ApiKey, Membership
 from controlplane.tuning.models import Adapter, FineTuningJob
 
@@ -29,11 +30,14 @@ def _read_urls(objs) -> list[str]:
         reverse("console:dashboard"),
         reverse("console:files"),
         reverse("console:file", kwargs={"file_id": objs.file.id}),
+        reverse("console:file-content", kwargs={"file_id": objs.file.id}),
         reverse("console:jobs"),
         reverse("console:job", kwargs={"job_id": objs.job.id}),
         reverse("console:job-progress", kwargs={"job_id": objs.job.id}),
         reverse("console:models"),
         reverse("console:playground"),
+        reverse("console:batches"),
+        reverse("console:batch", args=[objs.batch.id]),
         reverse("console:federations"),
         reverse("console:federation", args=[objs.federation.id]),
         reverse("console:federation-rounds", args=[objs.federation.id]),
@@ -89,6 +93,8 @@ def _writes(objs) -> list[tuple[str, str, dict]]:
         ("member", reverse("console:job-action", args=[objs.job.id, "pause"]), {}),
         ("member", reverse("console:job-action", args=[objs.job.id, "resume"]), {}),
         ("member", reverse("console:model-delete"), {"model": objs.adapter.id}),
+        ("member", reverse("console:batches"), {"input_file": objs.file.id}),
+        ("member", reverse("console:batch-cancel", args=[objs.batch.id]), {}),
         ("admin", reverse("console:api-keys"), {"role": "member", "name": "x"}),
         ("admin", reverse("console:api-key-revoke", kwargs={"key_id": objs.key.id}), {}),
         ("admin", reverse("console:members"), {"username": "outsider", "role": "auditor"}),
@@ -118,6 +124,7 @@ def _snapshot(objs) -> tuple:
         Adapter.objects.filter(tenant=objs.tenant).count(),
         ApiKey.objects.filter(tenant=objs.tenant, revoked_at__isnull=True).count(),
         Membership.objects.filter(tenant=objs.tenant).count(),
+        sorted(Batch.objects.filter(tenant=objs.tenant).values_list("id", "stop_request")),
     )
 
 
@@ -149,7 +156,7 @@ def test_auditor_pages_show_no_mutating_buttons(world):
     client = _client(world, "auditor")
     home = world["home"]
     for url in _read_urls(home):
-        if url.endswith((".json", ".csv")):
+        if url.endswith((".json", ".csv", "/content")):
             continue
         html = client.get(url).content.decode()
         # The only forms that POST are the tenant switcher (absent: one tenant) and log out.
@@ -172,30 +179,31 @@ def test_foreign_ids_are_not_found_for_reads_and_writes(world):
     foreign = world["foreign"]
     client = _client(world, "admin")  # the most powerful role at home
     for url in _read_urls(foreign):
-        if foreign.file.id in url or foreign.job.id in url or foreign.federation.id in url:
+        if any(i in url for i in (foreign.file.id, foreign.job.id, foreign.federation.id,
+                                  foreign.batch.id)):  # fmt: skip
             assert client.get(url).status_code == 404, url
     before = _snapshot(foreign)
     checked = 0
     for _needed, url, data in _writes(foreign):
         named = (
             foreign.file.id, foreign.job.id, foreign.federation.id, f"keys/{foreign.key.id}/",
-            f"members/{_first_membership(foreign).id}/",
+            f"members/{_first_membership(foreign).id}/", foreign.batch.id,
         )  # fmt: skip
         if any(part in url for part in named) or data.get("model") == foreign.adapter.id:
             assert client.post(url, data).status_code == 404, url
             checked += 1
-    assert checked == 12  # every write that names an object
+    assert checked == 13  # every write that names an object
     assert _snapshot(foreign) == before
     # Nor does another tenant's file show up in the job form or the lists.
     home_pages = "".join(
         client.get(reverse(name)).content.decode()
         for name in ("console:files", "console:jobs", "console:models", "console:api-keys",
-                     "console:job-create", "console:playground")
+                     "console:job-create", "console:playground", "console:batches")
     )  # fmt: skip
     home_pages += client.get(reverse("console:federations")).content.decode()
     for secret in (
         foreign.file.id, foreign.job.id, foreign.adapter.id, foreign.key.prefix,
-        foreign.federation.id,
+        foreign.federation.id, foreign.batch.id,
     ):  # fmt: skip
         assert secret not in home_pages
 
@@ -262,6 +270,50 @@ def test_admin_sets_roles(world):
     assert Membership.objects.get(user=world["users"]["outsider"]).role == "auditor"
     response = client.post(reverse("console:members"), {"username": "nobody", "role": "member"})
     assert response.status_code == 400 and "No user named" in response.content.decode()
+
+
+def test_member_queues_a_batch_follows_it_and_downloads_files(world):
+    from controlplane.files.services import file_create
+
+    from .conftest import JSONL
+
+    home = world["home"]
+    client = _client(world, "member")
+    line = (
+        b'{"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": '
+        b'{"model": "enclave-test", "messages": [{"role": "user", "content": "hi"}]}}\n'
+    )
+    batch_file = file_create(
+        tenant=home.tenant, filename="requests.jsonl", purpose="batch", chunks=[line],
+        size=len(line),
+    )  # fmt: skip
+    page = client.get(reverse("console:batches")).content.decode()
+    # Only validated batch files are offered (not the fine-tune file).
+    assert batch_file.id in page and f'value="{home.file.id}"' not in page
+    response = client.post(reverse("console:batches"), {"input_file": home.file.id})
+    assert response.status_code == 400  # a fine-tune file is not a choice
+    response = client.post(
+        reverse("console:batches"),
+        {"input_file": batch_file.id, "endpoint": "/v1/chat/completions",
+         "completion_window": "24h"},
+    )  # fmt: skip
+    assert response.status_code == 302
+    batch = Batch.objects.get(input_file=batch_file)
+    assert response["Location"] == reverse("console:batch", args=[batch.id])
+    detail = client.get(response["Location"]).content.decode()
+    assert "validating" in detail and "Cancel batch" in detail
+    assert client.post(reverse("console:batch-cancel", args=[batch.id])).status_code == 302
+    batch.refresh_from_db()
+    assert batch.status == "cancelled" or batch.stop_request == "cancel"
+    assert AuditEvent.objects.filter(object_type="batch", object_id=batch.id).count() == 2
+    # Any role can download a file's decrypted content; another tenant's is not found.
+    download = _client(world, "auditor").get(
+        reverse("console:file-content", kwargs={"file_id": home.file.id})
+    )
+    assert download.status_code == 200 and b"".join(download.streaming_content) == JSONL
+    assert download["Content-Disposition"] == 'attachment; filename="train.jsonl"'
+    foreign = reverse("console:file-content", kwargs={"file_id": world["foreign"].file.id})
+    assert client.get(foreign).status_code == 404
 
 
 def test_admin_removes_a_member_but_never_the_last_admin(world):

@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import federations, views
+from . import batches, federations, views
 from .access import csp
 from .login import ThrottledLoginView
 
@@ -26,6 +26,7 @@ urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("files/", views.files, name="files"),
     path("files/<str:file_id>/", views.file_detail, name="file"),
+    path("files/<str:file_id>/content", views.file_content, name="file-content"),
     path("files/<str:file_id>/delete/", views.file_delete, name="file-delete"),
     path("jobs/", views.jobs, name="jobs"),
     path("jobs/new/", views.job_create, name="job-create"),
@@ -40,6 +41,9 @@ urlpatterns = [
     path("models/delete/", views.model_delete, name="model-delete"),
     path("playground/", views.playground, name="playground"),
     path("playground/stream", views.playground_stream, name="playground-stream"),
+    path("batches/", batches.batches, name="batches"),
+    path("batches/<str:batch_id>/", batches.batch_detail, name="batch"),
+    path("batches/<str:batch_id>/cancel/", batches.batch_cancel, name="batch-cancel"),
     path("federations/", federations.federations, name="federations"),
     path("federations/<str:federation_id>/", federations.federation_detail, name="federation"),
     path(

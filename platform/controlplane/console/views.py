@@ -168,6 +168,22 @@ def file_detail(request, file_id: str):
     )
 
 
+@require_GET
+@access.console_view()
+def file_content(request, file_id: str):
+    """The file's decrypted content as a download (GET /v1/files/{id}/content)."""
+    tenant = request.principal.tenant
+    file = file_selectors.file_get(tenant=tenant, file_id=file_id)
+    response = StreamingHttpResponse(
+        file_selectors.file_content(tenant=tenant, file_id=file.id),
+        content_type="application/octet-stream",
+    )
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in file.filename) or file.id
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    response["Cache-Control"] = "no-store"  # decrypted data must not sit in any cache
+    return response
+
+
 @require_POST
 @access.console_view()
 def file_delete(request, file_id: str):
