@@ -6,10 +6,15 @@
 # Every process runs the same start script as the container image (deploy/bin/), in its own
 # session (setsid), so deploy/local/stop.sh can end each one with all its children.
 #
-#   DATABASE_URL=postgres://postgres@127.0.0.1:5432/enclave \
+#   DATABASE_OWNER_URL=postgres://postgres@127.0.0.1:5432/enclave \
+#   DATABASE_URL=postgres://enclave_app@127.0.0.1:5432/enclave \
 #   CELERY_BROKER_URL=redis://127.0.0.1:6379/0 deploy/local/start.sh
 #   deploy/local/stop.sh
 #
+# DATABASE_OWNER_URL (optional) is the tables' owner: only migrate.sh uses it (migrations,
+# then the application role of DATABASE_URL is created and granted row access); the
+# processes started here never see it and run as DATABASE_URL's role, which row-level
+# security binds.
 # Optional: ENCLAVE_LOCAL_RUN_DIR (pids, logs, certs; default $ENCLAVE_VAR_DIR/local),
 # ENCLAVE_WEB_PORT (8000), ENCLAVE_SUPERLINK_PORT (9092), WEB_CONCURRENCY (2),
 # CELERY_CONCURRENCY (1), ENCLAVE_LOCAL_SKIP_MIGRATE=1, PYTHON (default: the repo's .venv).
@@ -60,6 +65,7 @@ cd "$repo"
 if [[ "${ENCLAVE_LOCAL_SKIP_MIGRATE:-0}" != 1 ]]; then
     "$bin/migrate.sh" >>"$run/logs/migrate.log" 2>&1 || fail "migrate failed"
 fi
+unset DATABASE_OWNER_URL  # the long-running processes get the application role only
 
 # The federation's TLS: a CA and the SuperLink's certificate, made once per run dir.
 if [[ ! -r "$run/certs/server.key" ]]; then

@@ -44,13 +44,14 @@ class Local:
 
 
 @pytest.fixture(scope="module")
-def local(process_env, base_model, tmp_path_factory):
+def local(process_env, test_database_owner_url, base_model, tmp_path_factory):
     from controlplane import launch
 
     run_dir = tmp_path_factory.mktemp("local") / "run"
     port = launch.free_port()
     env = {
         **process_env,
+        "DATABASE_OWNER_URL": test_database_owner_url,  # migrate.sh; the rest run as the app role
         "ENCLAVE_LOCAL_RUN_DIR": str(run_dir),
         "ENCLAVE_WEB_PORT": str(port),
         "ENCLAVE_SUPERLINK_PORT": str(launch.free_port()),
@@ -100,6 +101,28 @@ def test_the_topology_runs_the_production_processes(local):
         "--ssl-certfile"
         in psutil.Process(int((local.run_dir / "pids/superlink.pid").read_text())).cmdline()
     )
+
+
+def test_the_processes_connect_as_the_application_role_not_the_owner(local):
+    from django.db import connection
+
+    from tests.conftest import APP_ROLE, wait_for
+
+    assert f"granted {APP_ROLE} row access" in (local.run_dir / "logs/migrate.log").read_text()
+    for pidfile in (local.run_dir / "pids").glob("*.pid"):
+        env = psutil.Process(int(pidfile.read_text())).environ()
+        assert env["DATABASE_URL"].startswith(f"postgres://{APP_ROLE}@"), pidfile.stem
+        assert "DATABASE_OWNER_URL" not in env, pidfile.stem
+
+    def users():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = "
+                "current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+            return {row[0] for row in cursor}
+
+    assert wait_for(users, timeout=30, what="a connection from the topology") == {APP_ROLE}
 
 
 def test_openai_client_uploads_chats_and_fine_tunes(local, make_tenant, base_model):
