@@ -33,8 +33,30 @@ static inline float e4m3_to_float(uint8_t b) {
     return f;  // 0x7F/0xFF (NaN) never come out of the quantiser, so they are not special-cased
 }
 
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_F16C 1
+// Eight e4m3 bytes -> eight floats, each 2^-8 times its value. e4m3fn's sign, 4-bit exponent
+// and 3-bit mantissa drop into half precision's fields as they are (sign to bit 15, the rest
+// shifted left by 7); the exponent biases differ by 8 (15 - 7), and half precision's range
+// turns every e4m3 subnormal into a normal or subnormal of the same 2^-8 ratio. So one
+// integer shift/mask and the F16C conversion decode eight weights: callers fold the 2^8
+// into the block scale.
+static inline __m256 e4m3x8(const uint8_t *p) {
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    __m128i sign = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8);
+    __m128i mag = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7);
+    return _mm256_cvtph_ps(_mm_or_si128(sign, mag));
+}
+#endif
+
 static inline void decode_tile(const uint8_t *w, float scale, int64_t len, float *out) {
-    for (int64_t j = 0; j < len; j++) out[j] = e4m3_to_float(w[j]) * scale;
+    int64_t j = 0;
+#ifdef HAVE_F16C
+    const __m256 sv = _mm256_set1_ps(scale * 256.f);
+    for (; j + 8 <= len; j += 8) _mm256_storeu_ps(out + j, _mm256_mul_ps(e4m3x8(w + j), sv));
+#endif
+    for (; j < len; j++) out[j] = e4m3_to_float(w[j]) * scale;
 }
 
 // Rows [n0, n1) of the weight, dequantised into out [(n1 - n0), K].
@@ -52,16 +74,96 @@ void fp8_dequant_rows(const uint8_t *w, const float *s, float *out, int64_t n0, 
 }
 
 // y = x @ dequant(w).T for M <= MAX_FUSED_ROWS (decode-sized batches): each output column
-// decodes its weight row tile by tile and reuses the tile for all M rows of x.
+// decodes its weight row eight bytes at a time, straight into FMA registers, and reuses
+// each decoded vector for up to four rows of x; nothing is written back but y.
+#ifdef HAVE_F16C
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Row n of the weight against one row of x: four independent accumulators over 32-byte
+// steps, so the FMA latency is hidden (this is the batch-1 decode path).
+static inline float fused_row1(const float *x, const uint8_t *wr, const float *srow, int64_t K) {
+    const int64_t kb = (K + BLOCK - 1) / BLOCK;
+    __m256 acc = _mm256_setzero_ps();
+    float tail = 0.f;
+    for (int64_t b = 0; b < kb; b++) {
+        const int64_t k0 = b * BLOCK, len = K - k0 < BLOCK ? K - k0 : BLOCK;
+        const uint8_t *wb = wr + k0;
+        const float *xb = x + k0;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t j = 0;
+        for (; j + 32 <= len; j += 32) {
+            a0 = _mm256_fmadd_ps(e4m3x8(wb + j), _mm256_loadu_ps(xb + j), a0);
+            a1 = _mm256_fmadd_ps(e4m3x8(wb + j + 8), _mm256_loadu_ps(xb + j + 8), a1);
+            a2 = _mm256_fmadd_ps(e4m3x8(wb + j + 16), _mm256_loadu_ps(xb + j + 16), a2);
+            a3 = _mm256_fmadd_ps(e4m3x8(wb + j + 24), _mm256_loadu_ps(xb + j + 24), a3);
+        }
+        for (; j + 8 <= len; j += 8)
+            a0 = _mm256_fmadd_ps(e4m3x8(wb + j), _mm256_loadu_ps(xb + j), a0);
+        const __m256 blk = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        acc = _mm256_fmadd_ps(blk, _mm256_set1_ps(srow[b] * 256.f), acc);
+        for (; j < len; j++) tail += e4m3_to_float(wb[j]) * srow[b] * xb[j];
+    }
+    return hsum256(acc) + tail;
+}
+
+// Rows m0 .. m0+MRF of x against weight row n: each decoded vector feeds MRF FMAs.
+#define MRF 4
+static inline void fused_row4(const float *x, const uint8_t *wr, const float *srow, float *y,
+                              int64_t m0, int64_t n, int64_t N, int64_t K) {
+    const int64_t kb = (K + BLOCK - 1) / BLOCK;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    float tail[MRF] = {0.f, 0.f, 0.f, 0.f};
+    const float *x0 = x + m0 * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+    for (int64_t b = 0; b < kb; b++) {
+        const int64_t k0 = b * BLOCK, len = K - k0 < BLOCK ? K - k0 : BLOCK;
+        const int64_t lv = len - len % 8;
+        __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+        for (int64_t j = k0; j < k0 + lv; j += 8) {
+            const __m256 wv = e4m3x8(wr + j);
+            b0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + j), b0);
+            b1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + j), b1);
+            b2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + j), b2);
+            b3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + j), b3);
+        }
+        const __m256 sv = _mm256_set1_ps(srow[b] * 256.f);
+        acc0 = _mm256_fmadd_ps(b0, sv, acc0);
+        acc1 = _mm256_fmadd_ps(b1, sv, acc1);
+        acc2 = _mm256_fmadd_ps(b2, sv, acc2);
+        acc3 = _mm256_fmadd_ps(b3, sv, acc3);
+        for (int64_t j = k0 + lv; j < k0 + len; j++) {
+            const float wf = e4m3_to_float(wr[j]) * srow[b];
+            tail[0] += wf * x0[j];
+            tail[1] += wf * x1[j];
+            tail[2] += wf * x2[j];
+            tail[3] += wf * x3[j];
+        }
+    }
+    y[m0 * N + n] = hsum256(acc0) + tail[0];
+    y[(m0 + 1) * N + n] = hsum256(acc1) + tail[1];
+    y[(m0 + 2) * N + n] = hsum256(acc2) + tail[2];
+    y[(m0 + 3) * N + n] = hsum256(acc3) + tail[3];
+}
+#endif
+
 int fp8_gemm_fused(const float *x, const uint8_t *w, const float *s, float *y, int64_t M,
                    int64_t N, int64_t K, int nthreads) {
     if (M > MAX_FUSED_ROWS) return -1;
     const int64_t kb = (K + BLOCK - 1) / BLOCK;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
+        const float *srow = s + (n / BLOCK) * kb;
+#ifdef HAVE_F16C
+        int64_t m = 0;
+        for (; m + MRF <= M; m += MRF) fused_row4(x, w + n * K, srow, y, m, n, N, K);
+        for (; m < M; m++) y[m * N + n] = fused_row1(x + m * K, w + n * K, srow, K);
+#else
         float tile[BLOCK];
         float acc[MAX_FUSED_ROWS] = {0};
-        const float *srow = s + (n / BLOCK) * kb;
         for (int64_t b = 0; b < kb; b++) {
             int64_t k0 = b * BLOCK, len = K - k0 < BLOCK ? K - k0 : BLOCK;
             decode_tile(w + n * K + k0, srow[b], len, tile);
@@ -73,6 +175,7 @@ int fp8_gemm_fused(const float *x, const uint8_t *w, const float *s, float *y, i
             }
         }
         for (int64_t m = 0; m < M; m++) y[m * N + n] = acc[m];
+#endif
     }
     return 0;
 }
