@@ -12,7 +12,7 @@ from dataclasses import fields as dataclass_fields
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Max, Q
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, PeriodicTask
 
@@ -271,6 +271,24 @@ def round_start_scheduled(*, federation_id: str) -> FederatedRound | None:
         return None
 
 
+def participants_seen(*, federation: Federation, names, at=None) -> int:
+    """Record that the nodes of the members named `names` replied (at `at`, default now).
+
+    A name is what a member's ClientApp puts in its replies: the tenant slug for a hosted
+    member (round_run names them so), the node name for an on-premises one. Names that are
+    not an accepted member of this federation are ignored. Returns the rows updated.
+    """
+    names = sorted({str(n) for n in names if n})
+    if not names:
+        return 0
+    seats = selectors.participants_accepted(federation=federation).filter(
+        Q(tenant__slug__in=names) | Q(node_name__in=names)
+    )
+    return Participant.objects.filter(pk__in=seats.values("pk")).update(
+        last_seen_at=at or timezone.now()
+    )
+
+
 # ---- the worker side ---------------------------------------------------------------------
 
 
@@ -290,8 +308,10 @@ class _RoundCallbacks:
         GlobalAdapter.objects.update_or_create(
             id=model_id, defaults={"federation": federation, "round": self.round, "blob": blob}
         )
-        per_member = metrics.get("members") or {}  # member name (tenant slug) -> its metrics
+        # member name -> its metrics, for every member whose node replied (train or evaluate)
+        per_member = metrics.get("members") or {}
         members = sorted(per_member)
+        participants_seen(federation=federation, names=members)
         for tenant in Tenant.objects.filter(slug__in=members):
             trained = int(per_member[tenant.slug].get("trained_tokens") or 0)
             if trained:
