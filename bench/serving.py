@@ -10,7 +10,13 @@ them; our ``load_model`` reads the directory), in float32 on the CPU. Measured:
 - batch-1 decode tokens/s with a short and a long prompt (``--ctx``), ours vs transformers
   (``use_cache=True``, its default DynamicCache and SDPA attention);
 - throughput with ``--concurrent`` requests: ours continuously batched (all submitted at
-  once from threads), theirs one left-padded batch; TTFT p50/p99 under that load;
+  once from threads), theirs one left-padded batch; TTFT p50/p99 under that load. Requests
+  ask for different lengths (a quarter, half, three quarters or all of
+  ``--concurrent-tokens``), as chat traffic does: a padded batch decodes until its longest
+  member is done, a continuous batch lets each request leave when it is. Throughput counts
+  the tokens the requests asked for, on both sides;
+- FP8: the same checkpoint converted on load (``fp8=True``): batch-1 decode at the short
+  context against transformers fp32, and resident weight bytes against our fp32 model;
 - KV-cache bytes per token (ours must equal layers * (kv_lora_rank + rope dim) * 4);
 - peak RSS of the process (both models live in it);
 - the memory-bandwidth bound: active weight bytes per token (attention, dense MLP or
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -99,7 +106,8 @@ def our_decode_rate(engine: Engine, prompt: list[int], n: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def hf_batch(hf, prompts: list[list[int]], n: int, pad: int) -> dict:
+def hf_batch(hf, prompts: list[list[int]], lengths: list[int], pad: int) -> dict:
+    n = max(lengths)  # one padded batch runs until its longest request is done
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -120,16 +128,16 @@ def hf_batch(hf, prompts: list[list[int]], n: int, pad: int) -> dict:
         )
     wall = time.perf_counter() - start
     ttft = clock.times[0] - start  # every request gets its first token at the same time
-    return {"tokens_per_s": len(prompts) * n / wall, "ttft_p50_s": ttft, "ttft_p99_s": ttft}
+    return {"tokens_per_s": sum(lengths) / wall, "ttft_p50_s": ttft, "ttft_p99_s": ttft}
 
 
-def our_concurrent(engine: Engine, prompts: list[list[int]], n: int) -> dict:
-    sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+def our_concurrent(engine: Engine, prompts: list[list[int]], lengths: list[int]) -> dict:
     ttft: list[float] = []
     counts: list[int] = []
     lock = threading.Lock()
 
-    def client(prompt):
+    def client(prompt, n):
+        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         t0 = time.perf_counter()
         first, total = None, 0
         for delta in engine.stream(Request(prompt_token_ids=prompt, sampling=sp)):
@@ -140,7 +148,9 @@ def our_concurrent(engine: Engine, prompts: list[list[int]], n: int) -> dict:
             ttft.append(first)
             counts.append(total)
 
-    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+    threads = [
+        threading.Thread(target=client, args=(p, n)) for p, n in zip(prompts, lengths, strict=True)
+    ]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -165,6 +175,12 @@ def copy_bandwidth_bytes_per_s(mib: int = 256) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return 2 * src.numel() * 4 / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (float8 counts one byte)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def active_weight_bytes(c, elem: int = 4) -> int:
@@ -199,10 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", default="small", help="name under models/configs/ or a path")
     ap.add_argument("--smoke", action="store_true", help="tiny config, few tokens")
     ap.add_argument("--ctx", type=int, nargs=2, default=[128, 2048], help="short, long prompt")
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--concurrent", type=int, default=16)
     ap.add_argument("--concurrent-prompt", type=int, default=128)
-    ap.add_argument("--concurrent-tokens", type=int, default=32)
+    ap.add_argument(
+        "--concurrent-tokens", type=int, default=128, help="the longest request's tokens"
+    )
+    ap.add_argument("--no-fp8", action="store_true", help="skip the FP8 engine")
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
     ap.add_argument("--out", type=Path)
     ap.add_argument(
@@ -216,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.config = "tiny"
         args.ctx, args.decode_tokens = [16, 48], 4
-        args.concurrent, args.concurrent_prompt, args.concurrent_tokens = 4, 40, 4
+        args.concurrent, args.concurrent_prompt, args.concurrent_tokens = 4, 40, 8
     config_path = Path(args.config)
     if not config_path.is_file():
         config_path = ROOT / "models" / "configs" / f"{args.config}.json"
@@ -224,16 +243,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or ROOT / "bench" / "results" / f"serving-{name}.json"
 
     g = torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        hf = build_checkpoint(config_path, Path(tmp))
-        engine = Engine(
-            tmp,
-            max_batch_tokens=args.max_batch_tokens,
-            kv_cache_bytes=256 << 20,
-            max_num_seqs=64,
-        )
-        setup_s = time.perf_counter() - t0
+    tmp = tempfile.mkdtemp()  # kept until the FP8 side has loaded it too
+    t0 = time.perf_counter()
+    hf = build_checkpoint(config_path, Path(tmp))
+    engine = Engine(
+        tmp, max_batch_tokens=args.max_batch_tokens, kv_cache_bytes=256 << 20, max_num_seqs=64
+    )
+    setup_s = time.perf_counter() - t0
     c = engine.config
     vocab = c.vocab_size
     result: dict = {
@@ -246,6 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     try:
         decode = {}
+        warm = torch.randint(3, vocab, (16,), generator=g).tolist()
+        our_decode_rate(engine, warm, 4)  # first-call costs (allocations, thread start-up)
+        hf_decode_rate(hf, warm, 4)
         for ctx in args.ctx:
             prompt = torch.randint(3, vocab, (ctx,), generator=g).tolist()
             ours = our_decode_rate(engine, prompt, args.decode_tokens)
@@ -263,10 +282,14 @@ def main(argv: list[str] | None = None) -> dict:
             ).tolist()
             for i in range(args.concurrent)
         ]
-        ours = our_concurrent(engine, prompts, args.concurrent_tokens)
-        theirs = hf_batch(hf, prompts, args.concurrent_tokens, c.pad_token_id or 0)
+        top = args.concurrent_tokens
+        lengths = [max(1, top * (1 + i % 4) // 4) for i in range(args.concurrent)]
+        ours = our_concurrent(engine, prompts, lengths)
+        theirs = hf_batch(hf, prompts, lengths, c.pad_token_id or 0)
         result["concurrent"] = {
             "requests": args.concurrent,
+            "prompt_tokens": [len(p) for p in prompts],
+            "max_tokens": lengths,
             "ours": ours,
             "transformers": theirs,
             "throughput_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
@@ -292,9 +315,32 @@ def main(argv: list[str] | None = None) -> dict:
             "ours_fraction_of_bound": short / (bw / weights),
         }
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        fp32_weights = weight_bytes(engine.model)
     finally:
         engine.close()
 
+    if not args.no_fp8:
+        # Built only after the fp32 side is done: the two never hold memory at once.
+        del engine
+        short_prompt = torch.randint(3, vocab, (args.ctx[0],), generator=g).tolist()
+        with Engine(tmp, fp8=True, kv_cache_bytes=64 << 20) as fp8_engine:
+            # Warm-up: the FP8 dispatch times its kernels the first time it sees each shape.
+            our_decode_rate(fp8_engine, short_prompt, 4)
+            ours8 = our_decode_rate(fp8_engine, short_prompt, args.decode_tokens)
+            fp8_weights = weight_bytes(fp8_engine.model)
+        hf_decode_rate(hf, short_prompt, 4)  # the same warm-up, for symmetry
+        theirs32 = hf_decode_rate(hf, short_prompt, args.decode_tokens)
+        result["fp8"] = {
+            "ctx": args.ctx[0],
+            "ours_fp8_tokens_per_s": ours8,
+            "transformers_fp32_tokens_per_s": theirs32,
+            "ratio_vs_transformers_fp32": ours8 / theirs32,
+            "weight_bytes": fp8_weights,
+            "fp32_weight_bytes": fp32_weights,
+            "weight_fraction_of_fp32": fp8_weights / fp32_weights,
+        }
+
+    shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"serving benchmark, config {name} (fp32, cpu, {result['torch_threads']} threads)")
@@ -322,6 +368,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"({bb['copy_bandwidth_gb_s']:.1f} GB/s, {bb['active_weight_bytes_per_token'] / 2**20:.1f} "
         f"MiB/token); ours reaches {100 * bb['ours_fraction_of_bound']:.0f}%"
     )
+    if "fp8" in result:
+        f8 = result["fp8"]
+        print(
+            f"  FP8 batch-1 decode ctx {f8['ctx']}: {f8['ours_fp8_tokens_per_s']:.1f} tok/s, "
+            f"{f8['ratio_vs_transformers_fp32']:.2f}x transformers fp32; FP8 weights "
+            f"{f8['weight_fraction_of_fp32']:.3f} of fp32"
+        )
     print(f"  peak RSS {result['peak_rss_mib']:.0f} MiB; JSON: {out}")
     return result
 

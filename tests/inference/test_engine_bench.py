@@ -22,5 +22,9 @@ def test_serving_bench_smoke_writes_json(tmp_path):
     assert kv["ours"] == kv["latent_formula"] < kv["transformers"]
     cc = result["concurrent"]
     assert cc["requests"] == 4 and cc["ours"]["ttft_p50_s"] <= cc["ours"]["ttft_p99_s"]
+    assert cc["max_tokens"] == [2, 4, 6, 8]  # mixed lengths: a quarter .. all of the longest
     assert 0 < result["bandwidth_bound"]["ours_fraction_of_bound"]
+    f8 = result["fp8"]
+    assert f8["ours_fp8_tokens_per_s"] > 0 and f8["transformers_fp32_tokens_per_s"] > 0
+    assert f8["weight_bytes"] < 0.3 * f8["fp32_weight_bytes"]
     assert "ratio" in done.stdout
