@@ -14,7 +14,7 @@ Flower client with our own FP8 model and in-memory state. The tests run TRL's ow
 Proved by tests/finetune/test_grpo.py (loss, gradient and logged statistics equal TRL's
 for every loss type, both importance-sampling levels, with and without KL; advantages) and
 tests/finetune/test_grpo_loop.py (update direction, metrics, exact resume, dynamic
-sampling, the domain reward, the CLI); tests/finetune/test_grpo_engine.py proves that the
+sampling, the domain reward); tests/finetune/test_grpo_engine.py proves that the
 serving engine samples from the current policy (same tokens and logits as the training
 model, no stale weights after an update).
 
@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -702,41 +701,3 @@ def _grpo_resume_view(config: GRPOConfig) -> dict:
     view = {k: d[k] for k in _GRPO_RESUME_KEYS}
     view["targets"] = list(view["targets"])
     return view
-
-
-def cli(args) -> int:
-    """``python -m finetune grpo``: GRPO on a domain suite, write the adapter directory.
-
-    ``args`` (an argparse Namespace): model (checkpoint dir), suite (a name in
-    ``finetune.domains.SUITES``), n (tasks), task_seed, out (adapter directory), optional
-    metrics (JSONL file, appended per step), optional initial_adapter (a PEFT directory to
-    start from, e.g. the SFT result) and set (FIELD=VALUE overrides of GRPOConfig). Prints a
-    JSON summary and returns 0 (2 for a bad override).
-    """
-    from pathlib import Path
-
-    from finetune.callbacks import JsonlMetricsLog
-    from finetune.domains import SUITES
-    from finetune.lora import CONFIG_NAME, WEIGHTS_NAME
-    from finetune.sft import parse_overrides
-
-    try:
-        config = GRPOConfig(model_path=args.model, **parse_overrides(args.set or [], GRPOConfig))
-        config.validate()
-    except (TypeError, ValueError) as e:
-        print(f"bad --set: {e}", file=sys.stderr)
-        return 2
-    tasks = SUITES[args.suite].generate(args.n, args.task_seed)
-    initial = None
-    if getattr(args, "initial_adapter", None):
-        source = Path(args.initial_adapter)
-        initial = {name: (source / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
-    callbacks = JsonlMetricsLog(args.metrics) if args.metrics else None
-    result = train_grpo(config, tasks=tasks, callbacks=callbacks, initial_adapter=initial)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, blob in result.adapter_files.items():
-        (out / name).write_bytes(blob)
-    summary = {"status": result.status, "steps": result.steps, "metrics": result.metrics}
-    print(json.dumps({**summary, "adapter": str(out)}, sort_keys=True))
-    return 0

@@ -1,10 +1,9 @@
 """The GRPO training loop on a tiny FP8 model, sampling through the serving engine: the
 update direction, metrics (with the share of each step spent generating), exact resume,
-dynamic sampling and the domain suites' reward."""
+dynamic sampling and the domain suites' reward. (The CLI, ``python -m finetune grpo``, is
+tested in test_cli_train.py.)"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -153,38 +152,3 @@ def test_the_default_reward_is_the_domain_suites_and_no_signal_means_no_update(m
     assert all(torch.all(t == 0) for k, t in tensors.items() if "lora_B" in k)
     # The same default reward gives an item's reference completion the full 1.0.
     assert domain_reward(ITEMS[0].reference, ITEMS[0]) == 1.0
-
-
-def test_cli_runs_grpo_on_a_suite_from_an_sft_adapter(model_dir, tmp_path, capsys):
-    from argparse import Namespace
-
-    from finetune.sft import SFTConfig, train_sft
-
-    start = train_sft(
-        SFTConfig(model_path=model_dir, lora_r=4, max_steps=1, max_seq_len=256),
-        train_examples=[{"messages": it.sft_messages()} for it in ITEMS[:2]],
-    )
-    (tmp_path / "sft").mkdir()
-    for name, blob in start.adapter_files.items():
-        (tmp_path / "sft" / name).write_bytes(blob)
-    args = Namespace(
-        model=model_dir,
-        suite="medical",
-        n=3,
-        task_seed=0,
-        out=str(tmp_path / "grpo"),
-        metrics=str(tmp_path / "grpo.jsonl"),
-        initial_adapter=str(tmp_path / "sft"),
-        set=[
-            "max_steps=1",
-            "prompts_per_step=1",
-            "group_size=2",
-            "max_completion_length=3",
-            "max_prompt_len=16",
-            "lora_r=4",
-        ],
-    )
-    assert grpo.cli(args) == 0
-    assert json.loads(capsys.readouterr().out)["steps"] == 1
-    assert (tmp_path / "grpo" / "adapter_model.safetensors").stat().st_size > 0
-    assert json.loads((tmp_path / "grpo.jsonl").read_text())["groups_sampled"] == 1
