@@ -316,3 +316,20 @@ def test_a_federation_is_shared_with_its_members_only(federation, app_role_orm):
     context.system_restore()
     assert Participant.objects.get(tenant=b).node_name == "b-node"
     assert Federation.objects.get().name == "renamed"
+
+
+@pytest.mark.django_db
+def test_db_app_role_grants_the_role_in_the_app_url_and_refuses_a_superuser(test_database_url):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    out = StringIO()
+    call_command("db_app_role", "--app-url", test_database_url, stdout=out)  # idempotent
+    assert f"granted {APP_ROLE} row access" in out.getvalue()
+    with pytest.raises(CommandError, match="owner"):
+        call_command("db_app_role", connection.settings_dict["USER"])
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE ROLE rls_probe_superuser SUPERUSER")  # rolled back with the test
+    with pytest.raises(CommandError, match="superuser"):
+        call_command("db_app_role", "rls_probe_superuser")
