@@ -17,6 +17,9 @@ them; our ``load_model`` reads the directory), in float32 on the CPU. Measured:
   the tokens the requests asked for, on both sides;
 - FP8: the same checkpoint converted on load (``fp8=True``): batch-1 decode at the short
   context against transformers fp32, and resident weight bytes against our fp32 model;
+- prefix sharing: requests whose prompts share a system prompt an earlier request used,
+  against requests of the same lengths with nothing in common: prompt tokens computed,
+  peak cache blocks and wall time (``--shared-prefix``);
 - KV-cache bytes per token (ours must equal layers * (kv_lora_rank + rope dim) * 4);
 - peak RSS of the process (both models live in it);
 - the memory-bandwidth bound: active weight bytes per token (attention, dense MLP or
@@ -165,6 +168,48 @@ def our_concurrent(engine: Engine, prompts: list[list[int]], lengths: list[int])
     }
 
 
+def prefix_sharing(engine: Engine, vocab: int, g: torch.Generator, prefix_len: int, n: int):
+    """``n`` concurrent requests whose prompts start with one ``prefix_len``-token prefix (a
+    shared system prompt, already used by an earlier request) against ``n`` requests of the
+    same lengths with nothing in common: prompt tokens computed, peak cache blocks, wall."""
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    suffix = 16
+
+    def run(prompts: list[list[int]]) -> dict:
+        cache = engine.cache
+        hits0 = cache.prefix_hit_tokens
+        cache.reset_peak()
+        t0 = time.perf_counter()
+        engine.generate([Request(prompt_token_ids=p, sampling=sp) for p in prompts])
+        wall = time.perf_counter() - t0
+        hits = cache.prefix_hit_tokens - hits0
+        prompt_tokens = sum(len(p) for p in prompts)
+        return {
+            "wall_s": wall,
+            "prompt_tokens": prompt_tokens,
+            "prompt_tokens_computed": prompt_tokens - hits,
+            "peak_blocks": cache.peak_blocks_in_use,
+        }
+
+    def rand(k: int) -> list[int]:
+        return torch.randint(3, vocab, (k,), generator=g).tolist()
+
+    distinct = run([rand(prefix_len + suffix) for _ in range(n)])
+    prefix = rand(prefix_len)
+    engine.generate([Request(prompt_token_ids=prefix + rand(suffix), sampling=sp)])  # warm
+    shared = run([prefix + rand(suffix) for _ in range(n)])
+    return {
+        "requests": n,
+        "prefix_tokens": prefix_len,
+        "suffix_tokens": suffix,
+        "block_size": engine.cache.block_size,
+        "distinct": distinct,
+        "shared": shared,
+        "blocks_saved": distinct["peak_blocks"] - shared["peak_blocks"],
+        "speedup": distinct["wall_s"] / shared["wall_s"],
+    }
+
+
 def copy_bandwidth_bytes_per_s(mib: int = 256) -> float:
     """Best-of-5 bandwidth of a large tensor copy, counting bytes read plus bytes written."""
     src = torch.ones(mib << 18)  # float32: mib MiB
@@ -222,6 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--concurrent-tokens", type=int, default=128, help="the longest request's tokens"
     )
     ap.add_argument("--no-fp8", action="store_true", help="skip the FP8 engine")
+    ap.add_argument(
+        "--shared-prefix", type=int, default=512, help="tokens of the shared system prompt"
+    )
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
     ap.add_argument("--out", type=Path)
     ap.add_argument(
@@ -236,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.config = "tiny"
         args.ctx, args.decode_tokens = [16, 48], 4
         args.concurrent, args.concurrent_prompt, args.concurrent_tokens = 4, 40, 8
+        args.shared_prefix = 48
     config_path = Path(args.config)
     if not config_path.is_file():
         config_path = ROOT / "models" / "configs" / f"{args.config}.json"
@@ -295,6 +344,10 @@ def main(argv: list[str] | None = None) -> dict:
             "throughput_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
             "preemptions": engine.scheduler.total_preemptions,
         }
+
+        result["prefix_sharing"] = prefix_sharing(
+            engine, vocab, g, args.shared_prefix, args.concurrent // 2
+        )
 
         ours_kv = engine.cache.pool.element_size() * engine.cache.width * c.num_hidden_layers
         result["kv_bytes_per_token"] = {
@@ -356,6 +409,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"ratio {cc['throughput_ratio']:.2f}x; TTFT p50/p99 ours "
         f"{cc['ours']['ttft_p50_s']:.3f}/{cc['ours']['ttft_p99_s']:.3f} s, transformers "
         f"{cc['transformers']['ttft_p50_s']:.3f} s"
+    )
+    ps = result["prefix_sharing"]
+    print(
+        f"  shared {ps['prefix_tokens']}-token prefix, {ps['requests']} requests: prompt tokens "
+        f"computed {ps['shared']['prompt_tokens_computed']} vs "
+        f"{ps['distinct']['prompt_tokens_computed']} unshared, peak blocks "
+        f"{ps['shared']['peak_blocks']} vs {ps['distinct']['peak_blocks']}, "
+        f"{ps['speedup']:.2f}x faster"
     )
     kv = result["kv_bytes_per_token"]
     print(

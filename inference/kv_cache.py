@@ -81,12 +81,26 @@ class PagedLatentCache:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._hash_of: dict[int, int] = {}
         self._block_of: dict[int, int] = {}
+        # Counters for benchmarks and metrics: prompt tokens served from cached blocks, and
+        # the most blocks held at once since the last ``reset_peak()``.
+        self.prefix_hit_tokens = 0
+        self.peak_blocks_in_use = 0
 
     # ---- queries -----------------------------------------------------------------------
 
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def reset_peak(self) -> None:
+        self.peak_blocks_in_use = self.blocks_in_use
+
+    def _note_usage(self) -> None:
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
@@ -149,6 +163,8 @@ class PagedLatentCache:
                 del self._free[b]
             self.refcount[b] += 1
         table = hits + [self._take_free() for _ in range(fresh)]
+        self.prefix_hit_tokens += len(hits) * self.block_size
+        self._note_usage()
         return table, len(hits) * self.block_size
 
     def ensure_capacity(self, block_table: list[int], n_tokens: int) -> bool:
@@ -157,6 +173,7 @@ class PagedLatentCache:
         if need > len(self._free):
             return False
         block_table.extend(self._take_free() for _ in range(max(need, 0)))
+        self._note_usage()
         return True
 
     def free(self, block_table: Sequence[int]) -> None:

@@ -24,6 +24,11 @@ def test_serving_bench_smoke_writes_json(tmp_path):
     assert cc["requests"] == 4 and cc["ours"]["ttft_p50_s"] <= cc["ours"]["ttft_p99_s"]
     assert cc["max_tokens"] == [2, 4, 6, 8]  # mixed lengths: a quarter .. all of the longest
     assert 0 < result["bandwidth_bound"]["ours_fraction_of_bound"]
+    ps = result["prefix_sharing"]
+    # 2 requests x (48 + 16) tokens; shared, each skips its 48 cached prefix tokens.
+    assert ps["distinct"]["prompt_tokens_computed"] == 2 * 64
+    assert ps["shared"]["prompt_tokens_computed"] == 2 * 16
+    assert ps["blocks_saved"] > 0
     f8 = result["fp8"]
     assert f8["ours_fp8_tokens_per_s"] > 0 and f8["transformers_fp32_tokens_per_s"] > 0
     assert f8["weight_bytes"] < 0.3 * f8["fp32_weight_bytes"]

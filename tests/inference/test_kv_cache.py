@@ -27,12 +27,18 @@ def test_pool_is_sized_from_bytes_and_blocks_are_refcounted():
     table2, cached2 = cache.allocate(list(range(8)) + [99, 98])
     assert table2[:2] == table[:2] and cached2 == 8 and table2[2] != table[2]
     assert cache.refcount[table[0]] == 2
+    # The counters: 8 prompt tokens came from the cache; 4 distinct blocks are held.
+    assert cache.prefix_hit_tokens == 8
+    assert cache.blocks_in_use == cache.peak_blocks_in_use == 4
     # Another adapter never shares (its latents differ).
     assert cache.allocate(list(range(9)), adapter_key="other") is None
     cache.free(table)
     assert cache.refcount[table[0]] == 1 and cache.num_free_blocks == 2
     cache.free(table2)
     assert cache.num_free_blocks == 5
+    assert cache.peak_blocks_in_use == 4 and cache.blocks_in_use == 0
+    cache.reset_peak()
+    assert cache.peak_blocks_in_use == 0
     # Freed hashed blocks stay findable until reused.
     table3, cached3 = cache.allocate(list(range(8)) + [5])
     assert cached3 == 8 and table3[:2] == table[:2]
