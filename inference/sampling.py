@@ -135,7 +135,9 @@ def sample(
     if params.temperature == 0:
         token = int(x.argmax())
     else:
-        x = x / params.temperature
+        # A tiny temperature (1e-300 is valid) would be 0 in float32, and the softmax NaN:
+        # in float64, shifted so the best logit is 0, the others just go to -inf.
+        x = (x - x.max()).double() / params.temperature
         if 0 < params.top_k < x.shape[0]:
             kth = x.topk(params.top_k).values[-1]
             x = x.masked_fill(x < kth, float("-inf"))
