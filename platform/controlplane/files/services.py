@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import ProtectedError
 
 from controlplane.tenancy.services import QuotaExceeded
 from controlplane.vault import services as vault_services
@@ -19,6 +20,10 @@ MAX_ERRORS_IN_DETAILS = 20
 
 class FileTooLarge(Exception):
     """Over ENCLAVE_FILE_MAX_BYTES (HTTP 413)."""
+
+
+class FileInUse(Exception):
+    """A fine-tuning job still refers to the file (HTTP 409); nothing was deleted."""
 
 
 def _validate(*, purpose: str, data: bytes) -> tuple[str, str | None, dict]:
@@ -104,12 +109,22 @@ def file_create(*, tenant, filename: str, purpose: str, chunks: Iterator[bytes],
 
 
 def file_delete(*, tenant, file_id: str) -> str:
-    """Delete a file and crypto-shred its content; returns the id."""
+    """Delete a file and crypto-shred its content; returns the id.
+
+    FileInUse when a fine-tuning job refers to it: the job's record must keep its file,
+    and the transaction (with the blob's shredding, whose file goes only after commit)
+    rolls back whole.
+    """
     file = file_get(tenant=tenant, file_id=file_id)
-    with transaction.atomic():
-        if file.blob_id:
-            vault_services.blob_destroy(tenant=tenant, blob_id=file.blob_id)
-        file.delete()
+    try:
+        with transaction.atomic():
+            if file.blob_id:
+                vault_services.blob_destroy(tenant=tenant, blob_id=file.blob_id)
+            file.delete()
+    except ProtectedError as exc:
+        raise FileInUse(
+            f"file {file_id} is used by a fine-tuning job and cannot be deleted"
+        ) from exc
     return file_id
 
 

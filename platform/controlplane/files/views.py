@@ -92,14 +92,20 @@ class FileDetailView(APIView):
         )
 
     @extend_schema(
-        responses=inline_serializer(
+        responses={200: inline_serializer(
             "FileDeleted",
             {"id": serializers.CharField(), "object": serializers.CharField(),
              "deleted": serializers.BooleanField()},
-        )
+        )}  # a DELETE answers 200 with a body, as OpenAI's does (spectacular assumes 204)
     )  # fmt: skip
     def delete(self, request, file_id: str):
-        services.file_delete(tenant=request.user.tenant, file_id=file_id)
+        try:
+            services.file_delete(tenant=request.user.tenant, file_id=file_id)
+        except services.FileInUse as exc:
+            return Response(
+                error_body(str(exc), "invalid_request_error", param="file_id", code="file_in_use"),
+                status=status.HTTP_409_CONFLICT,
+            )
         request._request.audit_object = ("file", file_id)
         return Response({"id": file_id, "object": "file", "deleted": True})
 
