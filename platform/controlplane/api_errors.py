@@ -20,7 +20,8 @@ def _first_error(detail, param=None) -> tuple[str, str | None]:
     """The first message in a DRF error detail, with the field it belongs to."""
     if isinstance(detail, dict):
         field, value = next(iter(detail.items()))
-        return _first_error(value, param if field == "non_field_errors" else field)
+        # DRF's own errors (authentication, permission, 404) come as {"detail": ...}: no field.
+        return _first_error(value, param if field in ("non_field_errors", "detail") else field)
     if isinstance(detail, list) and detail:
         return _first_error(detail[0], param)
     return str(detail), param

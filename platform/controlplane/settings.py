@@ -194,6 +194,11 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Enclave API",
     "DESCRIPTION": "OpenAI-compatible API for tenants' fine-tuning, serving and federations.",
     "VERSION": "0.1.0",
+    # Every /v1 operation's error statuses and the OpenAI error envelope (controlplane.openapi).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "controlplane.openapi.add_error_responses",
+    ],
     # /v1/chat/completions is a plain async Django view (not DRF), described here by hand.
     "APPEND_PATHS": {
         "/v1/chat/completions": {

@@ -264,7 +264,7 @@ class ModelDetailView(APIView):
         selectors.adapter_get(tenant=request.user.tenant, model_id=model_id)  # raises 404
         raise AssertionError("unreachable")
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(responses={200: OpenApiTypes.OBJECT})  # 200 with a body, not 204
     def delete(self, request, model_id: str):
         if selectors.base_model_get(name=model_id) is not None or model_id.startswith("fed:"):
             return Response(
