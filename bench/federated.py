@@ -3,11 +3,13 @@
     python bench/federated.py                 # the README table (a few minutes on 2 CPUs)
     python bench/federated.py --smoke --out DIR   # one round, tiny data: an end-to-end check
 
-Setup: a random DeepSeek-V3 (models/configs/tiny.json, 2 layers, vocab 512, FP8) with a
-tokenizer trained here; three hospitals drawn from the medical suite, non-IID: each
-member's training set is mostly (``--skew``) one task family. The test set is the union
-of all families (held out), scored two ways: loss per assistant token and, by the suite's
-reward, accuracy of greedy completions.
+Setup: the shipped base model models/enclave-tiny (FP8, its tokenizer; ``--model PATH`` for
+another, ``--model random`` for the random 2-layer model of models/configs/tiny.json);
+three hospitals drawn from the medical suite, non-IID: each member's training set is
+mostly (``--skew``) one task family. The test set is the union of all families (held out),
+scored two ways: loss per assistant token (``--n-test`` rows) and accuracy of greedy
+completions by the suite's reward on ``--n-eval`` held-out items (finetune.evaluate: the
+serving engine, the same scoring as the model card).
 
 Arms, all with the same compute (``rounds * local_steps`` optimizer steps per member):
   local-only   each member trains alone on its own data; evaluated on the union test set
@@ -20,9 +22,7 @@ node auth, warm node trainers; ``--no-deployment`` skips it) against pure local 
 (the three members' ``train_sft`` for ``local_steps`` steps each, in turn, in this
 process), and bytes per round against shipping the full base model both ways.
 
-Writes ``<out>/federated.json`` (default bench/results/). A random base model scores ~0
-reward accuracy at this scale; the loss columns are the signal, the accuracy column is
-there so the same script reports it on a real base model (``--model PATH``).
+Writes ``<out>/federated.json`` (default bench/results/).
 """
 
 from __future__ import annotations
@@ -92,10 +92,12 @@ def make_data(out: Path, n_train: int, n_test: int, skew: float, seed: int) -> d
     return {"members": members, "test": str(test_path)}
 
 
-def evaluate(model_path: str, adapter_files: dict, test_path: str, args) -> dict:
-    """Union-test-set metrics of an adapter (the ClientApp's own evaluation code)."""
+def evaluate(model_path: str, adapter_files: dict, test_path: str, args, engine, name) -> dict:
+    """Union-test-set metrics of an adapter: loss by the ClientApp's own evaluation code,
+    accuracy by finetune.evaluate on held-out suite items (all families, in turn)."""
     from federated.client_app import NodeTrainer
     from finetune import lora
+    from finetune.evaluate import evaluate_suite
 
     _, tensors = lora.read_adapter_files(adapter_files)
     trainer = NodeTrainer({"data": test_path, "val-data": test_path})
@@ -103,14 +105,22 @@ def evaluate(model_path: str, adapter_files: dict, test_path: str, args) -> dict
         "model-path": model_path,
         "adapter-config": adapter_files["adapter_config.json"].decode(),
         "max-seq-len": args.max_seq_len,
-        "eval-generations": args.generations,
-        "eval-max-new-tokens": args.max_new_tokens,
+        "eval-generations": 0,
     }
     m = trainer.evaluate(tensors, config)
+    adapter_dir = Path(args.work) / "adapters" / name.replace(" ", "-")
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    for file_name, blob in adapter_files.items():
+        (adapter_dir / file_name).write_bytes(blob)
+    suite = evaluate_suite(
+        model_path, "medical", n=args.n_eval, adapter=adapter_dir, engine=engine,
+        max_tokens=args.max_new_tokens,
+    )  # fmt: skip
     return {
         "test_loss": m["val_loss"],
-        "accuracy": m.get("accuracy"),
-        "scored": m.get("num-scored"),
+        "accuracy": suite["accuracy"],
+        "scored": suite["n"],
+        "per_family": {f: v["accuracy"] for f, v in suite["per_family"].items()},
     }
 
 
@@ -170,6 +180,8 @@ def federate(model_path, data, aggregation, runtime, args) -> dict:
         "bytes_down": [r["bytes_down"] for r in rounds],
         "adapter_bytes": rounds[-1]["adapter_bytes"],
         "train_loss": [r["train_loss"] for r in rounds],
+        "exchange_overhead_s": [r.get("train_exchange_overhead_s") for r in rounds],
+        "phases_s": [r.get("phases_s") for r in rounds],
     }
 
 
@@ -177,14 +189,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one round, tiny data")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
-    parser.add_argument("--model", help="an existing model directory instead of a random one")
+    parser.add_argument(
+        "--model",
+        default=str(REPO / "models" / "enclave-tiny"),
+        help="base model directory (default: the shipped enclave-tiny); 'random' builds one",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--n-train", type=int, default=32)
     parser.add_argument("--n-test", type=int, default=24)
     parser.add_argument("--skew", type=float, default=0.8)
-    parser.add_argument("--generations", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--n-eval", type=int, default=100, help="suite items scored per arm")
+    parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--lora-r", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -194,14 +210,20 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.local_steps, args.n_train, args.n_test = 1, 1, 6, 4
-        args.generations, args.max_new_tokens, args.no_deployment = 1, 4, True
+        args.n_eval, args.max_new_tokens, args.no_deployment = 4, 16, True
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-federated-"))
+    args.work = str(work)
+    engine = None
     try:
         t0 = time.perf_counter()
-        model_path = args.model or make_model(work / "model", args.seed)
+        random_model = args.model == "random"
+        model_path = make_model(work / "model", args.seed) if random_model else args.model
+        from inference.engine import Engine
+
+        engine = Engine(model_path, max_batch_tokens=2048)
         data = make_data(work, args.n_train, args.n_test, args.skew, args.seed)
         steps = args.rounds * args.local_steps
         rows = {m["name"]: [json.loads(x) for x in open(m["data"])] for m in data["members"]}
@@ -213,30 +235,39 @@ def main() -> int:
             | {
                 "members": {m["name"]: m["family"] for m in data["members"]},
                 "model": "models/configs/tiny.json, 2 layers, vocab 512, FP8, random"
-                if not args.model
+                if random_model
                 else args.model,
+                "n_eval": args.n_eval,
                 "python": platform.python_version(),
                 "cpus": os.cpu_count(),
             },
             "accuracy": {},
         }
         acc = report["accuracy"]
+        from finetune.evaluate import evaluate_suite
+
+        base = evaluate_suite(
+            model_path, "medical", n=args.n_eval, engine=engine, max_tokens=args.max_new_tokens
+        )
+        report["base_model_accuracy"] = base["accuracy"]
         # Local-only and pure local training time (the overhead anchor).
         local_times = []
         for name, member_rows in rows.items():
             result, seconds = train_local(model_path, member_rows, steps, args)
             local_times.append(seconds / args.rounds)
-            acc[f"local-only {name}"] = evaluate(
-                model_path, result.adapter_files, data["test"], args
-            )
+            arm = f"local-only {name}"
+            acc[arm] = evaluate(model_path, result.adapter_files, data["test"], args, engine, arm)
         pooled = [r for member_rows in rows.values() for r in member_rows]
         result, _ = train_local(model_path, pooled, 3 * steps, args)
-        acc["centralised"] = evaluate(model_path, result.adapter_files, data["test"], args)
+        acc["centralised"] = evaluate(
+            model_path, result.adapter_files, data["test"], args, engine, "centralised"
+        )
         runs = {}
         for aggregation in ("fedavg", "ffa"):
             runs[aggregation] = federate(model_path, data, aggregation, "simulation", args)
-            acc[f"federated {aggregation}"] = evaluate(
-                model_path, runs[aggregation]["adapter_files"], data["test"], args
+            arm = f"federated {aggregation}"
+            acc[arm] = evaluate(
+                model_path, runs[aggregation]["adapter_files"], data["test"], args, engine, arm
             )
         if not args.no_deployment:
             runs["deployment"] = federate(model_path, data, "fedavg", "deployment", args)
@@ -259,6 +290,9 @@ def main() -> int:
                 "warm_round_s": sum(warm) / len(warm),
                 "member_train_s": run["member_train_s"],
                 "overhead_vs_pure_local_s": sum(warm) / len(warm) - pure,
+                # Per round: the train exchange minus the slowest member's training.
+                "exchange_overhead_s": run["exchange_overhead_s"],
+                "phases_s": run["phases_s"],
             }
         report["overhead"] = overhead
         model_bytes = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
@@ -280,6 +314,8 @@ def main() -> int:
         print(json.dumps(report["bytes_per_round"], indent=1))
         return 0
     finally:
+        if engine is not None:
+            engine.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -93,8 +93,9 @@ class TrainerServer:
 
 
 def supernode_argv(args: argparse.Namespace, node_config: dict, runtime_port: int) -> list[str]:
+    # Flower's flower-supernode, with its fixed 3 s idle poll shortened (federated.supernode).
     argv = [
-        str(Path(sys.executable).with_name("flower-supernode")),
+        sys.executable, "-m", "federated.supernode",
         "--superlink", args.superlink,
         "--node-config", _node_config_arg(node_config),
         "--host", "127.0.0.1",
