@@ -1,4 +1,5 @@
-"""The error responses of /v1 in the OpenAPI schema (a drf-spectacular postprocessing hook).
+"""What drf-spectacular cannot see of /v1 (a postprocessing hook): error responses and the
+objects the views render by hand.
 
 Every /v1 error is the OpenAI envelope (api_errors). drf-spectacular documents only the
 success response of each view, so a client (or schemathesis) reading /api/schema/ would not
@@ -27,10 +28,105 @@ ERROR_ENVELOPE = {
 SPECIFIC = {
     "v1_files_create": {413: "The file is over the upload limit"},
     "v1_files_destroy": {409: "A fine-tuning job uses the file"},
+    "chat_completions_create": {413: "The request body is over the upload limit"},
     "v1_fine_tuning_jobs_create": {409: "The Idempotency-Key was used with another body"},
 }
 # Every write on a federation can clash with its state (already a member, a round running).
 FEDERATION_CONFLICT = {409: "The request clashes with the federation's state"}
+
+
+def _nullable(type_: str, **extra) -> dict:
+    return {"type": type_, "nullable": True, **extra}
+
+
+# The fine-tuning job and batch objects: their views render them by hand (to_representation),
+# so drf-spectacular sees fieldless serializers and documents no body at all.
+OBJECTS = {
+    "FineTuningJob": {
+        "type": "object",
+        "required": ["object", "id", "model", "created_at", "status", "training_file"],
+        "properties": {
+            "object": {"type": "string", "enum": ["fine_tuning.job"]},
+            "id": {"type": "string"},
+            "model": {"type": "string"},
+            "created_at": {"type": "integer"},
+            "finished_at": _nullable("integer"),
+            "fine_tuned_model": _nullable("string"),
+            "organization_id": {"type": "string"},
+            "result_files": {"type": "array", "items": {"type": "string"}},
+            "status": {"type": "string"},
+            "training_file": {"type": "string"},
+            "validation_file": _nullable("string"),
+            "hyperparameters": _nullable("object"),
+            "trained_tokens": _nullable("integer"),
+            "error": _nullable("object"),
+            "user_provided_suffix": _nullable("string"),
+            "seed": _nullable("integer"),
+            "estimated_finish": _nullable("integer"),
+            "integrations": {"type": "array", "items": {}},
+            "metadata": _nullable("object"),
+            "method": {"type": "object"},
+        },
+    },
+    "Batch": {
+        "type": "object",
+        "required": ["id", "object", "endpoint", "input_file_id", "status", "created_at"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": ["batch"]},
+            "endpoint": {"type": "string"},
+            "errors": _nullable("object"),
+            "input_file_id": {"type": "string"},
+            "completion_window": {"type": "string"},
+            "status": {"type": "string"},
+            "output_file_id": _nullable("string"),
+            "error_file_id": _nullable("string"),
+            "request_counts": {
+                "type": "object",
+                "properties": {k: {"type": "integer"} for k in ("total", "completed", "failed")},
+            },
+            "metadata": _nullable("object"),
+            **{
+                f"{k}_at": _nullable("integer")
+                for k in (
+                    "created",
+                    "in_progress",
+                    "expires",
+                    "finalizing",
+                    "completed",
+                    "failed",
+                    "expired",
+                    "cancelling",
+                    "cancelled",
+                )
+            },  # fmt: skip
+        },
+    },
+}
+
+
+def _list_of(name: str) -> dict:
+    return {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {"type": "array", "items": {"$ref": f"#/components/schemas/{name}"}},
+            "has_more": {"type": "boolean"},
+            "first_id": _nullable("string"),
+            "last_id": _nullable("string"),
+        },
+    }
+
+
+# Success bodies by operation id: (object, whether the operation answers a list of them).
+SUCCESS = {
+    **{f"v1_fine_tuning_jobs_{op}": ("FineTuningJob", False)
+       for op in ("create", "retrieve", "cancel_create", "pause_create", "resume_create")},
+    "v1_fine_tuning_jobs_list": ("FineTuningJob", True),
+    **{f"v1_batches_{op}": ("Batch", False) for op in ("create", "retrieve", "cancel_create")},
+    "v1_batches_list": ("Batch", True),
+}  # fmt: skip
 
 
 def _errors_for(path: str, method: str, operation: dict) -> dict[int, str]:
@@ -58,13 +154,21 @@ def _errors_for(path: str, method: str, operation: dict) -> dict[int, str]:
 
 def add_error_responses(result, generator, request, public):
     """Document the OpenAI error envelope and each /v1 operation's error statuses."""
-    result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_ENVELOPE
+    schemas = result.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(Error=ERROR_ENVELOPE, **OBJECTS)
     ref = {"$ref": "#/components/schemas/Error"}
     for path, operations in result.get("paths", {}).items():
         if not path.startswith("/v1/"):
             continue
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
+            if operation.get("operationId") in SUCCESS:
+                name, many = SUCCESS[operation["operationId"]]
+                body = _list_of(name) if many else {"$ref": f"#/components/schemas/{name}"}
+                responses["200"] = {
+                    "description": "",
+                    "content": {"application/json": {"schema": body}},
+                }
             for status, description in _errors_for(path, method, operation).items():
                 responses[str(status)] = {
                     "description": description,
