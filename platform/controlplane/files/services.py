@@ -26,12 +26,45 @@ class FileInUse(Exception):
     """A fine-tuning job still refers to the file (HTTP 409); nothing was deleted."""
 
 
+def _check_text(data: bytes) -> None:
+    """Refuse (400, nothing stored) what is not JSONL text at all: invalid UTF-8, or a line
+    longer than any example may be. Bad examples in good text are stored with line-numbered
+    errors instead, so their owner can see them."""
+    from finetune.data import DEFAULT_MAX_LINE_BYTES
+
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValidationError(
+            {"file": f"the file is not valid UTF-8 (line {line}, byte {exc.start + 1}); "
+                     "expected JSONL text (UTF-8)"}
+        ) from exc  # fmt: skip
+    start = 0
+    for number, end in enumerate(_line_ends(data), start=1):
+        if end - start > DEFAULT_MAX_LINE_BYTES:
+            raise ValidationError(
+                {"file": f"line {number} is {end - start} bytes long; a line may have at most "
+                         f"{DEFAULT_MAX_LINE_BYTES} bytes (one example per line)"}
+            )  # fmt: skip
+        start = end + 1
+
+
+def _line_ends(data: bytes) -> Iterator[int]:
+    position = data.find(b"\n")
+    while position != -1:
+        yield position
+        position = data.find(b"\n", position + 1)
+    yield len(data)
+
+
 def _validate(*, purpose: str, data: bytes) -> tuple[str, str | None, dict]:
     """(status, status_details, report) for a file's bytes, by purpose."""
     from finetune.data import validate
 
     if b"\x00" in data[:8192]:
         raise ValidationError({"file": "the file is binary; expected JSONL text (UTF-8)"})
+    _check_text(data)
     if purpose == File.Purpose.FINE_TUNE:
         report = validate(io.BytesIO(data)).to_dict()
     else:

@@ -1,5 +1,6 @@
 """/v1/files in OpenAI's shapes. Thin: parse, call one service or selector, render."""
 
+from django.conf import settings
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status
@@ -64,6 +65,19 @@ class FileListView(APIView):
 
     @extend_schema(request={"multipart/form-data": FileUploadInput}, responses=FileOutput)
     def post(self, request):
+        # The only upload handler keeps files in memory (plaintext never touches the disk)
+        # and skips one over FILE_UPLOAD_MAX_MEMORY_SIZE, which would then look missing
+        # ("No file was submitted"): a body that large holds a file over the limit.
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+        if length > settings.FILE_UPLOAD_MAX_MEMORY_SIZE:
+            message = (
+                f"the upload is {length} bytes; the limit is {settings.ENCLAVE_FILE_MAX_BYTES} "
+                "bytes per file"
+            )
+            return Response(
+                error_body(message, "invalid_request_error", param="file", code="file_too_large"),
+                status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            )
         payload = FileUploadInput(data=request.data)
         payload.is_valid(raise_exception=True)
         upload = payload.validated_data["file"]

@@ -13,6 +13,8 @@ import time
 import uuid
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
@@ -79,7 +81,16 @@ async def chat_completions(request):
                       code="insufficient_permissions")  # fmt: skip
     try:
         body = json.loads(request.body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except RequestDataTooBig:  # Django's own answer would be a bare HTML 400
+        return _error(
+            413, f"The request body is over the limit of {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} "
+            "bytes.", param="messages", code="request_too_large",
+        )  # fmt: skip
+    except UnicodeDecodeError as exc:
+        return _error(
+            400, f"The request body is not valid UTF-8 (byte {exc.start + 1}).", code="invalid_json"
+        )
+    except json.JSONDecodeError:
         return _error(400, "The request body is not valid JSON.", code="invalid_json")
     try:
         req = parse_chat_request(body)
