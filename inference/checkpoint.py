@@ -29,6 +29,7 @@ from torch import nn
 
 from inference import fp8 as fp8_mod
 from inference.config import FP8_QUANTIZATION_CONFIG, ModelConfig
+from inference.cpu_linear import use_measured_linear
 from inference.model import Transformer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -318,6 +319,9 @@ def load_model(
     model.config = config.replace(
         quantization_config=dict(FP8_QUANTIZATION_CONFIG) if targets else None
     )
+    if device.type == "cpu" and dtype == torch.float32:
+        # float32 linears run on whichever CPU GEMM this machine measures fastest per shape
+        model.linear_kernels = use_measured_linear(model)
     return model.eval()
 
 
