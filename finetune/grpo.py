@@ -250,6 +250,10 @@ class GRPOConfig:
     seed: int = 0  # LoRA init, prompt order, sampling
     log_every: int = 1  # on_metrics every this many steps (and at the last)
     checkpoint_every: int = 0  # on_checkpoint every this many steps; 0: never
+    # The sampling engine decodes with a dequantised full-width copy of the FP8 base (faster:
+    # no per-step dequantisation; costs the base at full width in memory). False: it shares
+    # the FP8 weights themselves. Same values either way (see lora.base_view).
+    wide_sampling_weights: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that cannot describe a run."""
@@ -567,11 +571,12 @@ ENGINE_BATCH_TOKENS = 2048  # prefill tokens per engine step: the groups' prompt
 
 
 def sampling_engine(policy, config: GRPOConfig) -> inference.Engine:
-    """A serving engine over ``policy``'s base weights (shared, not copied), sized for one
-    step's groups: its latent cache holds every completion of the step at full length."""
+    """A serving engine over ``policy``'s base weights (shared, or a dequantised copy with
+    ``config.wide_sampling_weights``), sized for one step's groups: its latent cache holds
+    every completion of the step at full length."""
     from finetune import lora
 
-    view = lora.base_view(policy)
+    view = lora.base_view(policy, wide=config.wide_sampling_weights)
     n_seqs = config.prompts_per_step * config.group_size
     per_seq = config.max_prompt_len + config.max_completion_length + ENGINE_BLOCK_SIZE
     per_token = latent_bytes_per_token(view.config, view.compute_dtype)

@@ -355,22 +355,29 @@ def lora_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
 # ---- serving the policy while it trains -------------------------------------------------
 
 
-def base_view(peft_model: PeftModel) -> nn.Module:
+def base_view(peft_model: PeftModel, *, wide: bool = False) -> nn.Module:
     """The base model under ``peft_model`` without its LoRA layers, sharing every weight.
 
     peft replaced the adapted modules in place; the view is a copy of the module *tree*
-    only (``copy.copy`` of the modules on the way to an adapted one, each LoRA layer replaced
+    only (``copy.copy`` of the modules on the way to a changed one, each LoRA layer replaced
     by its base layer), so no parameter, FP8 byte or buffer is copied and the training model
     is not touched. The serving engine runs on it (``inference.Engine(path, model=view)``)
     with the adapter added by ``inference.lora`` from ``serving_state``.
+
+    ``wide``: FP8 linears become full-width ``nn.Linear`` copies of their dequantised weights
+    (in the model's compute dtype). Costs the base model at full width in memory, and saves
+    dequantising every weight at every decode step, which on CPU is most of a small batch's
+    step; the values are the ones the training model's exact FP8 kernels multiply with.
     """
-    return _strip_tuner_layers(peft_model.get_base_model())
+    return _strip_tuner_layers(peft_model.get_base_model(), wide)
 
 
-def _strip_tuner_layers(module: nn.Module) -> nn.Module:
+def _strip_tuner_layers(module: nn.Module, wide: bool) -> nn.Module:
     if isinstance(module, BaseTunerLayer):
-        return _strip_tuner_layers(module.get_base_layer())
-    children = {name: _strip_tuner_layers(child) for name, child in module._modules.items()}
+        return _strip_tuner_layers(module.get_base_layer(), wide)
+    if wide and isinstance(module, fp8_mod.FP8Linear):
+        return _wide_linear(module, module.dequantized_weight(), module.compute_dtype)
+    children = {name: _strip_tuner_layers(child, wide) for name, child in module._modules.items()}
     if all(children[name] is child for name, child in module._modules.items()):
         return module
     clone = copy.copy(module)
@@ -524,7 +531,11 @@ def _widen(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def _wide_linear(module: nn.Linear, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    wide = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    # skip_init: a default init would draw from torch's global RNG, which a resumed training
+    # run has just restored (the GRPO sampling engine builds these after the restore).
+    wide = torch.nn.utils.skip_init(
+        nn.Linear, module.in_features, module.out_features, bias=module.bias is not None
+    )
     wide.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
     if module.bias is not None:
         wide.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)

@@ -91,10 +91,15 @@ def test_in_memory_adapter_logits_match_the_training_model_without_cache(model_d
         assert rel(got, ref) < 1e-4
 
 
-def test_engine_greedy_tokens_and_logprobs_match_the_training_model(model_dir):
+@pytest.mark.parametrize("wide", [False, True])
+def test_engine_greedy_tokens_and_logprobs_match_the_training_model(model_dir, wide):
     policy = _policy(model_dir, 2)
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, top_logprobs=5)
-    with Engine(model_dir, model=lora.base_view(policy), block_size=4) as engine:
+    view = lora.base_view(policy, wide=wide)
+    if wide:  # dequantised copies in the view; the training model keeps its FP8 layers
+        assert not any(isinstance(m, FP8Linear) for m in view.modules())
+        assert any(isinstance(m, FP8Linear) for m in policy.modules())
+    with Engine(model_dir, model=view, block_size=4) as engine:
         name = engine.register_adapter("policy", *lora.serving_state(policy))
         assert name == "memory:policy"
         served, base = engine.generate(
