@@ -20,8 +20,10 @@ Two tenants are created through the tenancy services, in the topology's database
 Measured: chat latency (whole stream) and time to first token p50/p99, completion tokens
 per second, requests per second, API latency p50/p99, errors by kind (0 expected), the
 limited tenant's 200s and 429s, and the RSS of every web process (gunicorn's arbiter and
-its uvicorn workers) sampled through the run. Memory counts as bounded when the sum at
-the end is within 25% (plus 64 MiB) of the sum after warm-up (the first fifth of the run).
+its uvicorn workers) sampled through the run. Before the clock starts, rounds of
+concurrent requests warm every worker's engine until the web processes' memory stops
+growing. Memory counts as bounded when the sum at the end is within 25% (plus 64 MiB) of
+the sum after the first fifth of the run.
 
 Writes JSON to bench/results/load.json (or ``--out``) and prints a table.
 """
@@ -164,6 +166,16 @@ def web_processes(run_dir: Path) -> list[psutil.Process]:
     return [leader, *leader.children(recursive=True)]
 
 
+def web_rss_bytes(run_dir: Path) -> int:
+    total = 0
+    for proc in web_processes(run_dir):
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 async def memory_sampler(run_dir: Path, samples: list[dict], stop: float, every: float):
     t0 = time.monotonic()
     while time.monotonic() < stop:
@@ -193,9 +205,21 @@ async def run_load(args, url: str, keys: dict[str, str], run_dir: Path) -> dict:
         )  # fmt: skip
 
     async with client(keys["main"]) as main, client(keys["limited"]) as limited:
-        # Warm every web worker's engine (loaded on first use) before the clock starts.
-        warm = [chat_client(main, args.model, args, Results(), time.monotonic() + 0.01)]
-        await asyncio.gather(*warm * max(1, args.web_concurrency))
+        # Warm every web worker's engine (loaded on first use) before the clock starts. The
+        # kernel, not we, picks the worker of each connection: send rounds of concurrent
+        # requests until the web processes' memory stops growing (at most six rounds).
+        last = 0
+        for _ in range(6):
+            await asyncio.gather(
+                *(
+                    chat_client(main, args.model, args, Results(), time.monotonic() + 0.01)
+                    for _ in range(4 * max(1, args.web_concurrency))
+                )
+            )
+            rss = web_rss_bytes(run_dir)
+            if last and rss < 1.03 * last:
+                break
+            last = rss
         t0 = time.monotonic()
         stop = t0 + args.duration
         limited_pause = 0.1  # far above its quota
