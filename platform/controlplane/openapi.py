@@ -105,6 +105,50 @@ OBJECTS = {
 }
 
 
+OBJECTS["ChatCompletion"] = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string", "enum": ["chat.completion"]},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "system_fingerprint": _nullable("string"),
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "message", "finish_reason"],
+                "properties": {
+                    "index": {"type": "integer"},
+                    "message": {
+                        "type": "object",
+                        "required": ["role", "content"],
+                        "properties": {
+                            "role": {"type": "string", "enum": ["assistant"]},
+                            "content": _nullable("string"),
+                        },
+                    },
+                    "finish_reason": {"type": "string", "enum": ["stop", "length"]},
+                    "logprobs": _nullable("object"),
+                },
+            },
+        },
+        "usage": {
+            "type": "object",
+            "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+            "properties": {
+                k: {"type": "integer", "minimum": 0}
+                for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+            },
+        },
+    },
+}
+# One server-sent event of a streamed completion: `data:` is a chat.completion.chunk in
+# JSON, or `[DONE]` at the end.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+
+
 def _list_of(name: str) -> dict:
     return {
         "type": "object",
@@ -162,6 +206,11 @@ def add_error_responses(result, generator, request, public):
             continue
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
+            if operation.get("operationId") == "chat_completions_create":
+                responses["200"]["content"] = {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
+                    "text/event-stream": {"schema": SSE_EVENT},
+                }
             if operation.get("operationId") in SUCCESS:
                 name, many = SUCCESS[operation["operationId"]]
                 body = _list_of(name) if many else {"$ref": f"#/components/schemas/{name}"}
