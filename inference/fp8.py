@@ -86,6 +86,14 @@ def dequantize_weight(
     return (q.float() * _expand_scales(scale.float(), n, k)).to(dtype)
 
 
+def _dequantize_fast(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_weight`` through the C decoder where it runs (CPU), else the reference.
+    The same values: both compute byte value * block scale in float32."""
+    if q.device.type == "cpu" and scale.dtype == torch.float32 and fp8_cpu.available():
+        return fp8_cpu.dequantize(q, scale).to(dtype)
+    return dequantize_weight(q, scale, dtype)
+
+
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (bytes [..., K] float8_e4m3fn, scales [..., ceil(K/128)] fp32), one scale
     per token per 128-wide group (DeepSeek-V3's 1x128 activation tiles)."""
@@ -292,7 +300,7 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         q, scale = ctx.saved_tensors
-        return grad @ dequantize_weight(q, scale, grad.dtype), None, None, None
+        return grad @ _dequantize_fast(q, scale, grad.dtype), None, None, None
 
 
 def fp8_linear(
@@ -382,7 +390,7 @@ class FP8Linear(nn.Linear):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight in ``compute_dtype`` (a new tensor)."""
-        return dequantize_weight(self.weight, self.weight_scale_inv, self.compute_dtype)
+        return _dequantize_fast(self.weight, self.weight_scale_inv, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(

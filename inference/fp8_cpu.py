@@ -169,3 +169,20 @@ def gemm_panels(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         lib.fp8_dequant_rows(q.data_ptr(), scale.data_ptr(), panel.data_ptr(), n0, n1, k, threads)
         torch.mm(panel[: n1 - n0], xt, out=yt[n0:n1])
     return yt.t().contiguous()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bytes [N, K] (e4m3fn) and weight_scale_inv -> float32 [N, K], decoded by the C kernel
+    (vectorised; PyTorch's own float8 cast is about 20x slower on CPUs)."""
+    if q.device.type != "cpu" or q.dim() != 2 or scale.dtype != torch.float32:
+        raise RuntimeError("fp8_cpu.dequantize wants a 2-D CPU weight and float32 scales")
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("fp8_cpu kernel is not available")
+    q, scale = q.contiguous(), scale.contiguous()
+    n, k = q.shape
+    out = torch.empty(n, k, dtype=torch.float32)
+    lib.fp8_dequant_rows(
+        q.data_ptr(), scale.data_ptr(), out.data_ptr(), 0, n, k, torch.get_num_threads()
+    )
+    return out

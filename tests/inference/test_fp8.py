@@ -138,6 +138,17 @@ def test_cpu_kernel_decodes_all_codes_exactly():
     assert torch.equal(fp8_cpu.gemm_blocked(eye[:5], q, scale)[:, 0], q.float()[0, :5])
 
 
+@pytest.mark.parametrize("shape", [(256, 384), (300, 200), (5, 130)])
+def test_c_dequantize_equals_the_reference_bit_for_bit(shape):
+    torch.manual_seed(3)
+    q, scale = quantize_weight(torch.randn(*shape) * 0.05)
+    assert torch.equal(fp8_cpu.dequantize(q, scale), dequantize_weight(q, scale))
+    codes = torch.arange(256, dtype=torch.uint8)
+    q = codes[(codes & 0x7F) != 0x7F].view(torch.float8_e4m3fn).reshape(2, -1)
+    scale = torch.full((1, 1), 0.375)
+    assert torch.equal(fp8_cpu.dequantize(q, scale), dequantize_weight(q, scale))
+
+
 def test_each_model_linear_fp8_within_3_percent():
     from inference import ModelConfig
 
