@@ -8,6 +8,10 @@ throughput against bf16. One call, a few minutes.
    compared with the reference; the FP8 model's dispatch choices are listed.
 2. FP8 kernels. Every CUDA FP8 kernel is checked against the dequantise-then-matmul reference
    on DeepSeek-V3-sized shapes, and timed against a bf16 matmul of the same shape.
+3. Decode. The serving engine on CUDA (float32 and FP8, models/configs/small.json at random):
+   greedy tokens equal the argmax of the engine's own no-cache forward on the same device,
+   the float32 engine's tokens equal the CPU float32 engine's, and decode tokens/s at batch 1
+   and with 16 concurrent requests (``check_decode`` runs on any device; a CPU test uses it).
 
 Writes ``<out>/gpu-check.json``. Exit status: 0 all checks passed, 1 a check failed,
 2 CUDA is absent (nothing was measured).
@@ -74,6 +78,85 @@ def check_model(device: str) -> dict:
                     entry["ok"] = entry["rel_err_vs_cpu_fp32"] < TOLERANCE[name]
                 results[name] = entry
                 del model
+    return results
+
+
+def check_decode(device: str, config_name: str = "small", tokens: int = 32) -> dict:
+    """Engine parity and decode throughput on ``device`` (float32 and FP8)."""
+    import threading
+
+    from inference import Engine, ModelConfig, Request, SamplingParams, Transformer, save_checkpoint
+
+    config = ModelConfig.from_json(REPO / "models" / "configs" / f"{config_name}.json")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, config.vocab_size, (48,), generator=g).tolist()
+    prompts = [torch.randint(3, config.vocab_size, (32,), generator=g).tolist() for _ in range(16)]
+    greedy = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+
+    def no_cache_greedy(model, ids: list[int], n: int) -> list[int]:
+        out = list(ids)
+        with torch.inference_mode():
+            for _ in range(n):
+                logits = model(torch.tensor([out], device=device))[0, -1]
+                out.append(int(logits.argmax()))
+        return out[len(ids) :]
+
+    def rate(engine) -> tuple[float, float]:
+        times = []
+        for delta in engine.stream(Request(prompt_token_ids=prompt, sampling=greedy)):
+            times += [time.perf_counter()] * len(delta.token_ids)
+        single = (len(times) - 1) / (times[-1] - times[0])
+        counts = []
+        threads = [
+            threading.Thread(
+                target=lambda p=p: counts.append(
+                    len(
+                        engine.generate([Request(prompt_token_ids=p, sampling=greedy)])[0].token_ids
+                    )
+                )
+            )
+            for p in prompts
+        ]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return single, sum(counts) / (time.perf_counter() - t0)
+
+    results: dict = {"config": config_name}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Transformer(config), tmp)
+        with Engine(tmp, device="cpu", kv_cache_bytes=64 << 20) as cpu_engine:
+            cpu_tokens = cpu_engine.generate([Request(prompt_token_ids=prompt, sampling=greedy)])
+        cpu_tokens = cpu_tokens[0].token_ids
+        for name, kwargs in (("float32", {}), ("fp8", {"fp8": True})):
+            with Engine(tmp, device=device, kv_cache_bytes=256 << 20, **kwargs) as engine:
+                got = engine.generate([Request(prompt_token_ids=prompt, sampling=greedy)])
+                got = got[0].token_ids
+                want = no_cache_greedy(engine.model, prompt, tokens)
+                single, concurrent = rate(engine)
+            agree = next(
+                (i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), len(want)
+            )
+            entry = {
+                "greedy_equals_no_cache_argmax": got == want,
+                # FP8 kernels are chosen per batch size, so decode (1 row) and the no-cache
+                # forward (48+ rows) round differently; near-ties may flip late tokens.
+                "tokens_agreeing_before_divergence": agree,
+                "batch1_tokens_per_s": single,
+                "concurrent16_tokens_per_s": concurrent,
+            }
+            if name == "float32":
+                entry["greedy_equals_cpu_fp32"] = got == cpu_tokens
+            if name == "float32":
+                entry["ok"] = (
+                    entry["greedy_equals_no_cache_argmax"] and entry["greedy_equals_cpu_fp32"]
+                )
+            else:
+                entry["ok"] = agree >= tokens // 2
+            results[name] = entry
     return results
 
 
@@ -148,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "model": check_model(device),
         "gemm": check_gemms(device, shapes, iters=5 if args.quick else 20),
+        "decode": check_decode(device, "tiny" if args.quick else "small"),
     }
     report["seconds"] = time.perf_counter() - t0
     ok = all(v["ok"] for v in report["model"].values())
+    ok &= all(v["ok"] for k, v in report["decode"].items() if k != "config")
     ok &= all(
         k.get("ok", False)
         for row in report["gemm"]
@@ -179,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
             f"  M={row['m']:5d} N={row['n']:5d} K={row['k']:5d}: "
             + "  ".join(parts)
             + f"  -> {row['dispatch_choice']}"
+        )
+    for name, v in report["decode"].items():
+        if name == "config":
+            continue
+        print(
+            f"  decode {name:8s} batch 1 {v['batch1_tokens_per_s']:8.1f} tok/s, 16 concurrent "
+            f"{v['concurrent16_tokens_per_s']:8.1f} tok/s, greedy parity {'ok' if v['ok'] else 'FAIL'}"
         )
     print(
         f"  {'all checks passed' if ok else 'SOME CHECKS FAILED'} in {report['seconds']:.0f}s -> {args.out / 'gpu-check.json'}"

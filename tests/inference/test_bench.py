@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end: forward.py in smoke mode, gpu_check.py without CUDA."""
+"""The benchmark scripts run end to end: forward.py in smoke mode, gpu_check.py without CUDA
+and its decode check on the CPU."""
 
 from __future__ import annotations
 
@@ -44,3 +45,18 @@ def test_gpu_check_without_cuda_exits_with_a_clear_message():
     assert proc.returncode == 2
     assert "CUDA is not available" in proc.stderr
     assert "nothing was measured" in proc.stderr
+
+
+def test_gpu_check_decode_runs_its_parity_and_rates_on_the_cpu():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    report = gpu_check.check_decode("cpu", "tiny", tokens=8)
+    assert report["float32"]["greedy_equals_no_cache_argmax"]
+    assert report["float32"]["greedy_equals_cpu_fp32"] and report["float32"]["ok"]
+    for name in ("float32", "fp8"):
+        assert report[name]["batch1_tokens_per_s"] > 0
+        assert report[name]["concurrent16_tokens_per_s"] > 0
+    assert report["fp8"]["tokens_agreeing_before_divergence"] >= 4
