@@ -139,7 +139,7 @@ def map_body(context, body):
 
 @schema.parametrize()
 @hypothesis.settings(
-    max_examples=8,
+    max_examples=5,
     deadline=None,
     derandomize=True,
     suppress_health_check=list(hypothesis.HealthCheck),
