@@ -570,3 +570,27 @@ def test_console_login_is_rate_limited(db, settings):
     assert blocked.status_code == 429 and int(blocked["Retry-After"]) > 0
     other = Client(REMOTE_ADDR="10.0.0.9").post(url, {"username": "someone-else", "password": "x"})
     assert other.status_code == 200  # another user from another address is not blocked
+
+
+def test_deleting_a_file_a_job_uses_says_why_and_keeps_it(world):
+    objs = world["home"]
+    client = _client(world, "member")
+    url = reverse("console:file-delete", kwargs={"file_id": objs.file.id})
+    response = client.post(url, follow=True)
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "used by a fine-tuning job" in page and objs.file.id in page
+    assert File.objects.filter(pk=objs.file.pk).exists()
+
+
+def test_upload_of_invalid_utf8_is_refused_naming_the_line_and_stores_nothing(world):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    client = _client(world, "member")
+    before = File.objects.count()
+    bad = b'{"messages": [{"role": "user", "content": "hi"}]}\n{"x": "\xff\xfe"}\n'
+    upload = SimpleUploadedFile("latin.jsonl", bad, content_type="application/jsonl")
+    response = client.post(reverse("console:files"), {"file": upload, "purpose": "fine-tune"})
+    assert response.status_code == 400
+    assert "UTF-8" in response.content.decode() and "line 2" in response.content.decode()
+    assert File.objects.count() == before

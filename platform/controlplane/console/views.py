@@ -189,9 +189,7 @@ def file_content(request, file_id: str):
 def file_delete(request, file_id: str):
     try:
         file_services.file_delete(tenant=request.principal.tenant, file_id=file_id)
-    except Exception as exc:  # a file a job still uses is protected
-        if isinstance(exc, Http404):
-            raise
+    except file_services.FileInUse as exc:  # a job's record keeps its file
         messages.error(request, f"Could not delete {file_id}: {exc}")
         return redirect("console:file", file_id=file_id)
     messages.success(request, f"Deleted {file_id}; its content was crypto-shredded.")
