@@ -1,11 +1,14 @@
-"""Float32 linear layers on the CPU: PyTorch's BLAS (MKL) or oneDNN, whichever this machine
-runs faster for each shape, measured, not assumed.
+"""Float32 linear layers on the CPU: PyTorch's BLAS (MKL), oneDNN, or our own small-batch
+kernel, whichever this machine runs faster for each shape, measured, not assumed.
 
 Why: ``F.linear`` on a CPU goes to MKL's sgemm. On some CPUs (AMD EPYC among them, where
 MKL does not take its best code path) oneDNN's matmul, which dispatches on the CPU's
 instruction set itself, runs the large prefill GEMMs (the LM head, the dense MLP) about a
 quarter faster, while MKL stays faster for one-row decode GEMVs and the small expert
-matmuls. Neither wins everywhere, and which one wins depends on the machine, so the choice
+matmuls. For decode batches of 2 to 16 rows both route through general GEMM code with
+packing; ``inference/csrc/fp8_cpu.c``'s ``f32_gemm_small`` streams each weight row once
+for all rows instead (1.1-2.7x MKL at 2-4 rows here). None wins everywhere, and which one
+wins depends on the machine, so the choice
 is made the way ``inference.fp8`` chooses its FP8 kernels: per (rows bucket, N, K), time
 each candidate on the first call of that shape, check it against ``F.linear``, keep the
 fastest.
@@ -25,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference import fp8_cpu
+
 # Candidates must agree with F.linear to within float32 summation-order differences.
 TOLERANCE = 1e-5
 
@@ -37,7 +42,12 @@ def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-KERNELS: dict[str, Callable] = {"mkl": _mkl, "onednn": _onednn}
+def _c_small(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = fp8_cpu.gemm_f32_small(x, w)  # RuntimeError above 16 rows: not a candidate there
+    return y if b is None else y + b
+
+
+KERNELS: dict[str, Callable] = {"mkl": _mkl, "onednn": _onednn, "c_small": _c_small}
 
 
 def _rows_class(m: int) -> int:

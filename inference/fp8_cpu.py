@@ -96,6 +96,8 @@ def _library() -> ctypes.CDLL | None:
     lib.fp8_gemm_fused.restype = ctypes.c_int
     lib.fp8_gemm_blocked.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.fp8_gemm_blocked.restype = ctypes.c_int
+    lib.f32_gemm_small.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.f32_gemm_small.restype = ctypes.c_int
     return lib
 
 
@@ -186,3 +188,29 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         q.data_ptr(), scale.data_ptr(), out.data_ptr(), 0, n, k, torch.get_num_threads()
     )
     return out
+
+
+F32_MAX_ROWS = 16  # must match F32_MAX_ROWS in the C source
+
+
+def gemm_f32_small(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 (M <= 16) @ w [N, K].T -> [M, N] float32: the decode-sized GEMV that
+    streams each weight row once (``f32_gemm_small``). RuntimeError where it cannot run."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32:
+        raise RuntimeError("gemm_f32_small wants float32 CPU tensors")
+    m, k = x.shape
+    if m > F32_MAX_ROWS or w.shape[1] != k:
+        raise RuntimeError(
+            f"gemm_f32_small takes at most {F32_MAX_ROWS} rows of width {w.shape[1]}"
+        )
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the C kernels are not available")
+    x, w = x.contiguous(), w.contiguous()
+    y = torch.empty(m, w.shape[0], dtype=torch.float32)
+    rc = lib.f32_gemm_small(
+        x.data_ptr(), w.data_ptr(), y.data_ptr(), m, w.shape[0], k, torch.get_num_threads()
+    )
+    if rc != 0:
+        raise RuntimeError("gemm_f32_small: no vector path on this CPU")
+    return y

@@ -288,3 +288,71 @@ int fp8_gemm_blocked(const float *x, const uint8_t *w, const float *s, float *y,
     }
     return failed ? -1 : 0;
 }
+
+// ---- float32 weights, few rows: the batched-decode GEMV ---------------------------------
+// y[m][n] = sum_k x[m][k] * w[n][k] for M <= F32_MAX_ROWS, w float32 [N, K] row-major.
+// Decode-sized matmuls are bound by streaming the weight from memory: each weight row is
+// read once, sequentially, and feeds every row of x (four rows per pass over the row,
+// which stays in L1 for the next four). BLAS libraries often route such shapes through
+// their general GEMM path, with packing that costs more than the arithmetic.
+#define F32_MAX_ROWS 16
+#ifdef HAVE_F16C
+static inline float f32_row1(const float *x, const float *wr, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(x + k), a0);
+    float tail = 0.f;
+    for (; k < K; k++) tail += wr[k] * x[k];
+    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + tail;
+}
+
+static inline void f32_row4(const float *x, const float *wr, float *y, int64_t m0, int64_t n,
+                            int64_t N, int64_t K) {
+    __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+    const float *x0 = x + m0 * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 wv = _mm256_loadu_ps(wr + k);
+        b0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), b0);
+        b1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), b1);
+        b2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), b2);
+        b3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), b3);
+    }
+    float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+    for (; k < K; k++) {
+        t0 += wr[k] * x0[k];
+        t1 += wr[k] * x1[k];
+        t2 += wr[k] * x2[k];
+        t3 += wr[k] * x3[k];
+    }
+    y[m0 * N + n] = hsum256(b0) + t0;
+    y[(m0 + 1) * N + n] = hsum256(b1) + t1;
+    y[(m0 + 2) * N + n] = hsum256(b2) + t2;
+    y[(m0 + 3) * N + n] = hsum256(b3) + t3;
+}
+#endif
+
+int f32_gemm_small(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K,
+                   int nthreads) {
+    if (M > F32_MAX_ROWS) return -1;
+#ifdef HAVE_F16C
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const float *wr = w + n * K;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) f32_row4(x, wr, y, m, n, N, K);
+        for (; m < M; m++) y[m * N + n] = f32_row1(x + m * K, wr, K);
+    }
+    return 0;
+#else
+    (void)x, (void)w, (void)y, (void)N, (void)K, (void)nthreads;
+    return -2;  // no vector path: let the BLAS do it
+#endif
+}
