@@ -37,7 +37,6 @@ import io
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -628,45 +627,3 @@ def parse_overrides(pairs: Sequence[str], config_cls: type) -> dict:
         except json.JSONDecodeError:
             out[key] = raw
     return out
-
-
-def cli(args) -> int:
-    """``python -m finetune sft``: train on a JSONL file, write the adapter directory.
-
-    ``args`` (an argparse Namespace): model (checkpoint dir), train and optional val (JSONL
-    files, any format ``finetune.data`` accepts), out (directory for adapter_config.json and
-    adapter_model.safetensors), optional metrics (JSONL file, appended per step) and set
-    (FIELD=VALUE overrides of SFTConfig). Prints a JSON summary; returns 0, 1 when the
-    data is invalid (the error names its line), 2 for a bad override.
-    """
-    from pathlib import Path
-
-    from finetune.callbacks import JsonlMetricsLog
-
-    try:
-        config = SFTConfig(model_path=args.model, **parse_overrides(args.set or [], SFTConfig))
-        config.validate()
-    except (TypeError, ValueError) as e:
-        print(f"bad --set: {e}", file=sys.stderr)
-        return 2
-    try:
-        train = [{"messages": e.messages} for e in data.iter_examples(args.train)]
-        val = [{"messages": e.messages} for e in data.iter_examples(args.val)] if args.val else None
-    except data.DataError as e:
-        print(str(e), file=sys.stderr)
-        return 1
-    callbacks = JsonlMetricsLog(args.metrics) if args.metrics else None
-    result = train_sft(config, train_examples=train, val_examples=val, callbacks=callbacks)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, blob in result.adapter_files.items():
-        (out / name).write_bytes(blob)
-    summary = {
-        "status": result.status,
-        "steps": result.steps,
-        "trained_tokens": result.trained_tokens,
-        "metrics": result.metrics,
-        "adapter": str(out),
-    }
-    print(json.dumps(summary, sort_keys=True))
-    return 0

@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from peft import PeftModel
 
+import inference
+from finetune import lora
 from finetune.__main__ import main
 from finetune.cli_train import CliCallbacks
 from tests.finetune.test_pretrain import TOY, build_toy_model
@@ -57,6 +60,9 @@ def test_sft_then_grpo_then_eval(tmp_path, toy_model, capsys):
     assert "sft:" not in captured.err and "step/s" not in captured.err  # no bar off a TTY
     assert (sft_out / "adapter_config.json").is_file()
     assert json.loads((sft_out / "adapter_config.json").read_text())["r"] == 4
+    # peft itself reads the directory onto the engine's model
+    peft_model = PeftModel.from_pretrained(inference.load_model(toy_model), str(sft_out))
+    assert lora.adapted_module_names(peft_model)
     lines = (sft_out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)] == [1, 2]
 

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 import inference
-from finetune import lora
 from finetune.callbacks import JsonlMetricsLog
 from finetune.sft import SFTConfig, SFTResult, evaluate_adapter, train_sft
 from tests.inference.hf_factory import hf_model, save_hf
@@ -258,42 +257,6 @@ def test_early_stopping_returns_the_best_adapter(model_dir):
         model_dir, result.adapter_files, _examples(3, seed=9), max_seq_len=config.max_seq_len
     )
     assert again["loss"] == pytest.approx(best, rel=1e-5)
-
-
-def test_cli_trains_from_a_file_and_writes_a_peft_adapter_directory(model_dir, tmp_path, capsys):
-    from argparse import Namespace
-
-    from peft import PeftModel
-
-    from finetune import sft
-
-    train = tmp_path / "train.jsonl"  # synthetic data: the CLI reads the user's own file
-    train.write_text("".join(json.dumps(e) + "\n" for e in _examples(4)))
-    args = Namespace(
-        model=model_dir,
-        train=str(train),
-        val=None,
-        out=str(tmp_path / "adapter"),
-        metrics=str(tmp_path / "metrics.jsonl"),
-        set=["max_steps=2", "lora_r=4", "targets=mla", "max_seq_len=40"],
-    )
-    assert sft.cli(args) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["status"] == "succeeded" and summary["steps"] == 2
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
-    # peft reads the directory (the engine's model carries no fused experts: no guard needed
-    # for an MLA-only adapter).
-    peft_model = PeftModel.from_pretrained(
-        inference.load_model(model_dir), str(tmp_path / "adapter")
-    )
-    assert all(".self_attn." in n for n in lora.adapted_module_names(peft_model))
-
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": []}\n')
-    assert sft.cli(Namespace(**{**vars(args), "train": str(bad)})) == 1
-    assert sft.cli(Namespace(**{**vars(args), "set": ["nonsense=1"]})) == 2
-    assert sft.cli(Namespace(**{**vars(args), "set": ["lora_r=0"]})) == 2
-    assert "--set wants FIELD=VALUE" in capsys.readouterr().err
 
 
 def test_training_refuses_a_model_whose_chat_template_serving_renders_differently(
