@@ -1,4 +1,6 @@
-"""Build, load and call the C FP8 CPU kernels (``inference/csrc/fp8_cpu.c``).
+"""Build, load and call the C CPU kernels (``inference/csrc/fp8_cpu.c``): the FP8 matmuls and
+dequantiser, and one float32 kernel for decode-sized batches (``gemm_f32_small``, a
+candidate of ``inference.cpu_linear``'s measured dispatch).
 
 The kernel is plain C with OpenMP, compiled by the machine's ``cc`` on first use into a
 cache directory (``$ENCLAVE_KERNEL_CACHE``, default ``~/.cache/enclave/kernels``) under a name
@@ -8,8 +10,8 @@ of the half minute a ``torch.utils.cpp_extension`` build takes. Its libgomp depe
 resolved by soname to the libgomp PyTorch has already loaded, so the process keeps one
 OpenMP runtime.
 
-If no compiler is found or the build fails, ``available()`` is False and the FP8 dispatch
-simply never picks these kernels.
+If no compiler is found or the build fails, ``available()`` is False and neither dispatch
+(FP8 or float32) ever picks these kernels.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-// FP8 (e4m3fn) x float32 matmul kernels for CPUs, with DeepSeek-V3 128x128 block scales.
+// FP8 (e4m3fn) x float32 matmul kernels for CPUs, with DeepSeek-V3 128x128 block scales, and
+// (at the end) a float32 kernel for decode-sized batches.
 //
 // Why this exists: on CPU, PyTorch converts float8 to float32 at ~0.25 G elements/s and
 // _scaled_mm runs at ~0.2 GFLOP/s, both far below memory speed. These kernels decode e4m3
