@@ -36,7 +36,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from federated.client_app import numpy_to_record
+from federated.client_app import LAYOUT_KEY, content_arrays, pack_arrays, unpack_arrays
 from federated.config import FederationConfig, read_run_file
 from federated.strategy import OwnAggregation, build_strategy
 
@@ -111,6 +111,12 @@ def initial_adapter(config: FederationConfig) -> tuple[dict, str]:
 
 def _nbytes(tensors: dict) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def _torch(arrays: dict) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
 
 class Federation:
@@ -206,12 +212,10 @@ class Federation:
             except privacy.BudgetExceeded as e:
                 raise RoundFailed(f"privacy budget: {e}", retry=False) from e
 
-        arrays = ArrayRecord(self.tensors)
+        arrays, config = self._packed(self._round_config(rnd, attempt))
         if isinstance(self.strategy, OwnAggregation):
             self.strategy.current = self.tensors
-        messages = list(
-            self.strategy.configure_train(rnd, arrays, self._round_config(rnd, attempt), self.grid)
-        )
+        messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
         sent_to = [m.metadata.dst_node_id for m in messages]
         exchange_start = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
@@ -240,10 +244,15 @@ class Federation:
             )
         else:
             lora_error = self._lora_aggregation_error(valid)
+            layouts = {m.content.config_records["config"].get(LAYOUT_KEY) for m in valid}
+            if len(layouts) != 1:
+                raise RoundFailed("members replied with different adapter layouts")
             agg_arrays, train_metrics = self.strategy.aggregate_train(rnd, valid)
             if agg_arrays is None:
                 raise RoundFailed("aggregation produced no adapter")
-            new = agg_arrays.to_torch_state_dict()
+            # Flower's rules average the packed Arrays; OwnAggregation returns tensors.
+            packed = any(k.startswith("flat-") for k in agg_arrays)
+            new = _torch(unpack_arrays(agg_arrays, layouts.pop() if packed else None))
         # FFA-LoRA replies carry only B; A stays the global one.
         self.tensors = {**self.tensors, **new}
         train_seconds = time.perf_counter() - start
@@ -253,7 +262,7 @@ class Federation:
         if cfg.evaluate_every and rnd % cfg.evaluate_every == 0:
             eval_msgs = list(
                 self.strategy.configure_evaluate(
-                    rnd, ArrayRecord(self.tensors), self._round_config(rnd), self.grid
+                    rnd, *self._packed(self._round_config(rnd)), self.grid
                 )
             )
             bytes_down += _nbytes(self.tensors) * len(eval_msgs)
@@ -318,17 +327,16 @@ class Federation:
 
     def _stage(self, stage: str, payloads: dict[int, tuple[dict, dict]]) -> dict[int, Message]:
         """Send query.<stage> to each member (arrays, config) and collect replies in time."""
-        messages = [
-            Message(
-                RecordDict(
-                    {"config": ConfigRecord(config)}
-                    | ({"arrays": numpy_to_record(arrays)} if arrays else {})
-                ),
-                message_type=f"{MessageType.QUERY}.{stage}",
-                dst_node_id=node,
+        messages = []
+        for node, (arrays, config) in payloads.items():
+            content = RecordDict()
+            config = dict(config)
+            if arrays:
+                content["arrays"], config[LAYOUT_KEY] = pack_arrays(arrays)
+            content["config"] = ConfigRecord(config)
+            messages.append(
+                Message(content, message_type=f"{MessageType.QUERY}.{stage}", dst_node_id=node)
             )
-            for node, (arrays, config) in payloads.items()
-        ]
         replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout_s)
         return {m.metadata.src_node_id: m for m in replies if not m.has_error()}
 
@@ -383,7 +391,7 @@ class Federation:
             down += sum(len(v) for inbox in inboxes.values() for v in inbox.values())
             replies = self._stage("secagg_masked", payloads)
             for node, m in replies.items():
-                masked = m.content.array_records["arrays"]["masked"].numpy()
+                masked = content_arrays(m.content)["masked"]
                 up += masked.nbytes
                 server.receive_masked_input(node, masked)
             request = server.close_masked_input()
@@ -423,7 +431,7 @@ class Federation:
         for m in replies:
             if "arrays" not in m.content:
                 return None
-            tensors = m.content.array_records["arrays"].to_torch_state_dict()
+            tensors = _torch(content_arrays(m.content))
             updates.append({**self.tensors, **tensors})
             weights.append(float(m.content.metric_records["metrics"]["num-examples"]))
         if not updates or not aggregation.lora_pairs(list(updates[0])):
@@ -441,6 +449,12 @@ class Federation:
                     f"{len(nodes)} members connected, min_available is {self.config.min_available}"
                 )
             time.sleep(0.5)
+
+    def _packed(self, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
+        """The global adapter packed for the wire (client_app.pack_arrays), and ``config``
+        with its layout."""
+        arrays, config[LAYOUT_KEY] = pack_arrays(self.tensors)
+        return arrays, config
 
     def _round_config(self, rnd: int, attempt: int = 0) -> ConfigRecord:
         cfg = self.config

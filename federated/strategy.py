@@ -43,9 +43,15 @@ class OwnAggregation(FedAvg):
         valid, _ = self._check_and_log_replies(list(replies), is_train=True)
         if not valid:
             return None, None
-        from federated import aggregation
+        import torch
 
-        updates = [m.content.array_records["arrays"].to_torch_state_dict() for m in valid]
+        from federated import aggregation
+        from federated.client_app import content_arrays
+
+        updates = [
+            {k: torch.from_numpy(v.copy()) for k, v in content_arrays(m.content).items()}
+            for m in valid
+        ]
         weights = [float(m.content.metric_records["metrics"]["num-examples"]) for m in valid]
         tensors, report = aggregation.aggregate_lora(
             updates,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import inference
-from federated.client_app import NodeTrainer
+from federated.client_app import NodeTrainer, content_arrays
 from federated.server_app import Federation, initial_adapter
 from tests.federated.test_apps import _adapter, _config, _events, _grid, _task_identity
 
@@ -36,7 +36,10 @@ def _capture_train_replies(grid) -> list:
 def _members(replies, global_tensors) -> tuple[list[dict], list[float]]:
     """Each member's full adapter (FFA replies hold only B: A is the global one)."""
     updates = [
-        {**global_tensors, **m.content.array_records["arrays"].to_torch_state_dict()}
+        {
+            **global_tensors,
+            **{k: torch.from_numpy(v.copy()) for k, v in content_arrays(m.content).items()},
+        }
         for m in replies
     ]
     weights = [float(m.content.metric_records["metrics"]["num-examples"]) for m in replies]
@@ -74,7 +77,7 @@ def test_ffa_aggregate_is_the_exact_mean_of_the_members_products_and_naive_is_no
     print(f"{aggregation}: relative error of the aggregate's product {error:.3g}")
     logged = next(e for e in _events(tmp_path) if e["event"] == "round")["metrics"]
     if aggregation == "ffa":
-        assert all("lora_A" not in k for m in replies for k in m.content.array_records["arrays"])
+        assert all("lora_A" not in k for m in replies for k in content_arrays(m.content))
         assert all(m["lora_A_change"] == 0.0 for m in logged["members"].values())
         assert error < 1e-6, error  # float32 precision
         assert logged["lora_aggregation_error"] < 1e-6
