@@ -1,7 +1,8 @@
 """The ClientApp: a member trains the global LoRA adapter on its own data, and evaluates it.
 
-Messages (Flower Message API; ``arrays`` is an ArrayRecord of the adapter's tensors under
-their PEFT names, ``config`` a ConfigRecord, ``metrics`` a MetricRecord):
+Messages (Flower Message API; ``arrays`` is an ArrayRecord holding the adapter's tensors,
+by PEFT name, packed into one flat Array per dtype with the layout under ``array-layout``
+in ``config``, a ConfigRecord (see ``pack_arrays``); ``metrics`` a MetricRecord):
 
     train            in: arrays (global adapter), config (round, SFT settings, adapter config)
                      out: arrays (this member's adapter, or its B half for FFA-LoRA; empty under
