@@ -10,8 +10,9 @@ packing; ``inference/csrc/fp8_cpu.c``'s ``f32_gemm_small`` streams each weight r
 for all rows instead (1.1-2.7x MKL at 2-4 rows here). None wins everywhere, and which one
 wins depends on the machine, so the choice
 is made the way ``inference.fp8`` chooses its FP8 kernels: per (rows bucket, N, K), time
-each candidate on the first call of that shape, check it against ``F.linear``, keep the
-fastest.
+each candidate on the first call of that shape (decode-sized calls with cold caches, as a
+decode step meets its weights: ``inference.kernel_timing``), check it against ``F.linear``,
+keep the fastest.
 
 Only inference uses the dispatch: with autograd recording (LoRA training) every call is
 plain ``F.linear``. The weights stay ordinary float32 tensors (oneDNN is handed the same
@@ -20,8 +21,6 @@ storage, no packed copy), so memory, ``state_dict`` and peft are unaffected.
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference import fp8_cpu
+from inference.kernel_timing import COLD_ROWS, CacheFlusher, best_time
 
 # Candidates must agree with F.linear to within float32 summation-order differences.
 TOLERANCE = 1e-5
@@ -68,6 +68,7 @@ class LinearKernels:
         self.force = force
         self.choice: dict[tuple[int, int, int], str] = {}
         self.timings: dict[tuple[int, int, int], dict[str, float]] = {}
+        self.flush = CacheFlusher()
 
     def pick(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> str:
         if self.force is not None:
@@ -89,14 +90,11 @@ class LinearKernels:
                 continue  # not built into this PyTorch, or not for this shape
             if ((out - ref).norm() / ref_norm).item() > TOLERANCE:
                 continue
-            best = math.inf
-            for _ in range(3):
-                t0 = time.perf_counter()
-                kernel(x, w, b)
-                best = min(best, time.perf_counter() - t0)
-                if best > 0.05:  # one timing of a large GEMM is enough
-                    break
-            times[name] = best
+            times[name] = best_time(
+                lambda kernel=kernel: kernel(x, w, b),
+                flush=self.flush if key[0] <= COLD_ROWS else None,  # decode: weights cold
+                enough_s=0.05,  # one timing of a large GEMM is enough
+            )
         name = min(times, key=times.get) if times else "mkl"
         self.choice[key] = name
         self.timings[key] = times

@@ -18,7 +18,6 @@ engine) owns. Nothing is cached at module level, so two engines never share choi
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference import fp8_cpu
+from inference.kernel_timing import COLD_ROWS, CacheFlusher, best_time
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -232,6 +232,7 @@ class FP8Kernels:
         self.allowed = tuple(allowed) if allowed is not None else tuple(_KERNELS)
         self.choice: dict[tuple, str] = {}
         self.timings: dict[tuple, dict[str, float]] = {}
+        self.flush = CacheFlusher()  # see inference.kernel_timing
 
     def pick(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> str:
         """Kernel name for this call; measures the candidates the first time a key is seen."""
@@ -267,14 +268,12 @@ class FP8Kernels:
             # broken on this device or shape: it is not a candidate, however fast.
             if ((out[:, :rows].float() - ref).norm() / ref_norm).item() > tolerance:
                 continue
-            best = math.inf
-            for _ in range(3):
-                _sync(x.device)
-                t0 = time.perf_counter()
-                kernel(x, q, scale)
-                _sync(x.device)
-                best = min(best, time.perf_counter() - t0)
-            times[name] = best
+            cold = dev == "cpu" and key[2] <= COLD_ROWS  # decode: weights come from memory
+            times[name] = best_time(
+                lambda kernel=kernel: kernel(x, q, scale),
+                flush=self.flush if cold else None,
+                sync=lambda: _sync(x.device),
+            )
         name = min(times, key=times.get) if times else "reference"
         self.choice[key] = name
         self.timings[key] = times
