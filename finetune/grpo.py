@@ -642,7 +642,10 @@ def _completion_logps(model, group: _Group, temperature: float):
     """(log-probabilities [G, L] of the sampled tokens, their entropies [G, L], detached)."""
     ids = torch.cat([group.prompt, group.completion], dim=1)
     p = group.prompt.shape[1]
-    logits = model(ids)[:, p - 1 : -1].float() / temperature
+    at = torch.zeros_like(ids, dtype=torch.bool)
+    at[:, p - 1 : -1] = True  # the positions that predict the completion: the head runs there
+    g, n = group.completion.shape
+    logits = model(ids, logits_at=at).view(g, n, -1).float() / temperature
     logp_all = logits.log_softmax(-1)
     logps = logp_all.gather(-1, group.completion[..., None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1).detach()

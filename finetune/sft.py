@@ -458,6 +458,23 @@ def token_loss(
     return loss, hits, int(mask.sum())
 
 
+def labelled_loss(
+    model, ids: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``token_loss(model(ids), labels)`` computed with the vocabulary projection run only on
+    the positions whose next token is labelled (``logits_at``): the same values, a fraction
+    of the head's work and of the [B, T, vocab] logits' memory (about a third of the
+    positions in chat SFT data are the assistant's)."""
+    targets_mask = labels[:, 1:] != data.IGNORE_INDEX
+    at = torch.zeros_like(labels, dtype=torch.bool)
+    at[:, :-1] = targets_mask
+    logits = model(ids, logits_at=at).float()
+    targets = labels[:, 1:][targets_mask]
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    hits = (logits.argmax(-1) == targets).sum()
+    return loss, hits, int(targets_mask.sum())
+
+
 def _train_step(
     model, micro: list[dict[str, torch.Tensor]], device: torch.device
 ) -> tuple[float, int, int, int]:
@@ -468,7 +485,7 @@ def _train_step(
     for batch in micro:
         ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
-        loss, hits, count = token_loss(model(ids), labels)
+        loss, hits, count = labelled_loss(model, ids, labels)
         if count:
             (loss / max(total, 1)).backward()
         loss_sum += loss.item()
@@ -489,7 +506,7 @@ def _evaluate(
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         ids = torch.stack([it["input_ids"] for it in items]).to(device)
         labels = torch.stack([it["labels"] for it in items]).to(device)
-        loss, h, c = token_loss(model(ids), labels)
+        loss, h, c = labelled_loss(model, ids, labels)
         loss_sum, hits, count = loss_sum + loss.item(), hits + int(h), count + c
     return loss_sum / max(count, 1), hits / max(count, 1)
 

@@ -330,7 +330,8 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The causal LM. ``model(input_ids [B, T]) -> logits [B, T, vocab]``, no cache.
+    """The causal LM. ``model(input_ids [B, T]) -> logits [B, T, vocab]``, no cache
+    (``logits_at=mask`` for the logits of some positions only).
 
     ``compute_dtype`` is the activation dtype (float32, bfloat16, ...); weights may be
     stored in it or, for FP8-converted linears, in float8 with block scales.
@@ -346,8 +347,24 @@ class Transformer(nn.Module):
         else:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, logits_at: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab].
+
+        ``logits_at``: a boolean mask [B, T]; then only the logits of those positions, as
+        [n, vocab] in row-major order. Training scores a fraction of the positions (the
+        assistant's tokens, a completion), and the vocabulary projection is a large share of
+        a small model's work: it then runs on those rows alone.
+        """
         h = self.model(input_ids, self.compute_dtype)
+        if logits_at is not None:
+            if logits_at.shape != input_ids.shape or logits_at.dtype != torch.bool:
+                raise ValueError(
+                    f"logits_at must be a bool mask shaped like input_ids {tuple(input_ids.shape)},"
+                    f" got {logits_at.dtype} {tuple(logits_at.shape)}"
+                )
+            h = h[logits_at]
         if self.lm_head is None:
             return F.linear(h, self.model.embed_tokens.weight.to(h.dtype))
         return self.lm_head(h)

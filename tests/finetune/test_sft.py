@@ -506,3 +506,49 @@ def test_a_given_base_model_and_tokenizer_are_used_and_left_unmodified(model_dir
     assert set(after) == set(before)
     for k, v in before.items():  # float8 has no torch.equal: compare the bytes
         assert torch.equal(v.view(torch.uint8), after[k].view(torch.uint8)), k
+
+
+def test_the_loss_on_labelled_positions_only_equals_the_full_logits_loss_and_its_gradients(
+    model_dir,
+):
+    # labelled_loss runs the vocabulary projection on the labelled rows alone (logits_at);
+    # it must give token_loss's loss, hits and count, and the same adapter gradients.
+    from finetune import lora
+    from finetune.sft import labelled_loss, token_loss
+
+    model = inference.load_model(model_dir)
+    peft_model = lora.apply_lora(model, ("mla", "mlp"), 4, 8)
+    with torch.no_grad():  # nonzero B, so the adapter's own path carries gradient too
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 512, (3, 24), generator=g)
+    labels = ids.clone()
+    labels[0, :10] = labels[1, :] = -100  # a prompt, and a row with nothing to learn
+    labels[2, 5:9] = -100
+
+    def run(fn):
+        peft_model.zero_grad(set_to_none=True)
+        loss, hits, count = fn()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        return loss.item(), int(hits), count, grads
+
+    full = run(lambda: token_loss(peft_model(ids), labels))
+    only = run(lambda: labelled_loss(peft_model, ids, labels))
+    assert only[2] == full[2] == 14 + 19  # next-token targets: row 0 at 10..23, row 2 not 5..8
+    assert only[1] == full[1]
+    assert only[0] == pytest.approx(full[0], rel=1e-6)
+    assert full[3] and full[3].keys() == only[3].keys()
+    for name, grad in full[3].items():
+        torch.testing.assert_close(only[3][name], grad, rtol=1e-5, atol=1e-8, msg=name)
+
+    with torch.no_grad():
+        rows = model(ids, logits_at=labels != -100)
+        assert rows.shape == (int((labels != -100).sum()), 512)
+        torch.testing.assert_close(rows, model(ids)[labels != -100])
+        with pytest.raises(ValueError, match="logits_at must be a bool mask"):
+            model(ids, logits_at=(labels != -100).long())
+        with pytest.raises(ValueError, match="logits_at must be a bool mask"):
+            model(ids, logits_at=torch.ones(3, 5, dtype=torch.bool))
