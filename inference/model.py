@@ -276,14 +276,12 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.config.n_routed_experts).tolist()
         token_of = order // self.config.num_experts_per_tok
-        routed_in = x[token_of]
-        routed_out = torch.empty_like(routed_in)
-        start = 0
-        for expert, count in zip(self.experts, counts, strict=True):
-            if count:
-                routed_out[start : start + count] = expert(routed_in[start : start + count])
-                start += count
-        routed_out *= weights.flatten()[order, None].to(x.dtype)
+        # split/cat rather than writes into slices of one buffer: under autograd each slice
+        # would give its expert a full-size zero gradient buffer (E of them per layer).
+        parts = x[token_of].split(counts)
+        pairs = zip(self.experts, parts, strict=True)
+        routed_out = torch.cat([expert(part) if len(part) else part for expert, part in pairs])
+        routed_out = routed_out * weights.flatten()[order, None].to(x.dtype)
         y = torch.zeros_like(x).index_add_(0, token_of, routed_out)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
