@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -238,6 +239,35 @@ class Engine:
         """Stop a request; its stream ends with finish_reason "cancelled". Unknown or
         finished ids are ignored."""
         self._inbox.put(("cancel", request_id))
+
+    def warm_up(self, max_rows: int = 16) -> float:
+        """Measure the linear kernels of decode-sized batches (1, 2, 4, ... ``max_rows`` rows)
+        for every linear shape of the model now, so the first requests of each batch size
+        do not pay for it (the measured dispatches of ``inference.fp8`` and
+        ``inference.cpu_linear`` time each candidate on first use, with cold caches at these
+        sizes). Call it before submitting requests. Returns the seconds it took."""
+        from inference.cpu_linear import DispatchLinear
+        from inference.fp8 import FP8Linear
+
+        start = time.perf_counter()
+        g = torch.Generator(device="cpu").manual_seed(0)
+        seen = set()
+        with torch.inference_mode():
+            for module in self.model.modules():
+                if not isinstance(module, (DispatchLinear, FP8Linear)):
+                    continue
+                shape = (type(module), module.out_features, module.in_features)
+                if shape in seen:
+                    continue
+                seen.add(shape)
+                rows = 1
+                while rows <= max_rows:
+                    x = torch.randn(
+                        rows, module.in_features, generator=g, dtype=self.model.compute_dtype
+                    )
+                    module(x.to(module.weight.device))
+                    rows *= 2
+        return time.perf_counter() - start
 
     def close(self) -> None:
         """Stop the scheduler thread; pending requests end "cancelled"."""

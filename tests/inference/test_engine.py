@@ -21,6 +21,7 @@ from inference.chat import IncrementalDetokenizer
 from inference.checkpoint import load_model
 from inference.decode import Chunk, LatentRunner
 from inference.engine import Engine, Request
+from inference.fp8 import FP8Linear
 from inference.kv_cache import PagedLatentCache, latent_bytes_per_token
 from inference.sampling import SamplingParams
 from tests.inference.hf_factory import hf_model, save_hf
@@ -302,3 +303,27 @@ def test_fp8_weights_decode_like_the_fp8_full_forward(model_dir):
         assert eng.model.config.quantization_config is not None
         out = eng.generate([Request(prompt_token_ids=[3, 9, 27, 81], sampling=sp)])[0]
         assert out.token_ids == greedy_reference(eng.model, [3, 9, 27, 81], 4)
+
+
+def test_warm_up_chooses_every_decode_sized_kernel_before_serving(model_dir):
+    # float32 (the measured float32 dispatch) and FP8 (the FP8 dispatch): after warm_up,
+    # serving batches of 1-16 rows measures nothing new, and the output is unchanged.
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    prompts = [[3, 9, 27, 81], [5, 6], [7] * 9]
+    for fp8 in (False, True):
+        with Engine(model_dir, fp8=fp8, kv_cache_bytes=1 << 20) as eng:
+            before = [
+                o.token_ids
+                for o in eng.generate([Request(prompt_token_ids=p, sampling=sp) for p in prompts])
+            ]
+        with Engine(model_dir, fp8=fp8, kv_cache_bytes=1 << 20) as eng:
+            fp8_layers = [m for m in eng.model.modules() if isinstance(m, FP8Linear)]
+            kernels = fp8_layers[0].kernels if fp8 else eng.model.linear_kernels
+            assert eng.warm_up(max_rows=4) >= 0
+            warmed = {k for k in kernels.choice if (k[0] if not fp8 else k[2]) <= 4}
+            rows = {k[0] if not fp8 else k[2] for k in warmed}
+            assert rows == {1, 2, 4} and len(warmed) >= 3 * 4  # every linear shape, each size
+            outs = eng.generate([Request(prompt_token_ids=p, sampling=sp) for p in prompts])
+            decode_keys = {k for k in kernels.choice if (k[0] if not fp8 else k[2]) <= 4}
+            assert decode_keys == warmed  # decoding 3 sequences measured nothing new
+            assert [o.token_ids for o in outs] == before
