@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from inference import fp8_cpu
 from inference.fp8 import FP8Linear
 from inference.kv_cache import PagedLatentCache
 from inference.lora import LoRAAdapter, LoRABatch
@@ -93,6 +94,7 @@ class LatentRunner:
             w = _weight(layer.self_attn.kv_b_proj).view(h, dn + dv, c.kv_lora_rank)
             self.w_uk.append(w[:, :dn])  # [H, dn, R]
             self.w_uv.append(w[:, dn:].transpose(1, 2))  # [H, R, dv]
+        self._tables: dict = {}  # layer -> fp8_cpu.ExpertTable or None (see _expert_table)
         self.names = [
             {
                 k: f"model.layers.{i}.self_attn.{k}"
@@ -253,6 +255,15 @@ class LatentRunner:
 
     def _feed_forward(self, i: int, mlp, x: torch.Tensor, lora: LoRABatch | None):
         if lora is None:
+            if isinstance(mlp, MoE) and x.shape[0] <= fp8_cpu.F32_MAX_ROWS:
+                table = self._expert_table(i, mlp, x)
+                if table is not None:
+                    # Decode-sized: the routed experts in one C call (fp8_cpu.moe_small).
+                    weights, indices = mlp.gate(x)
+                    y = fp8_cpu.moe_small(x, indices, weights, table)
+                    if mlp.shared_experts is not None:
+                        y = y + mlp.shared_experts(x)
+                    return y
             return mlp(x)  # the model's own dense MLP or grouped-dispatch MoE
         prefix = f"model.layers.{i}.mlp"
         if isinstance(mlp, MLP):
@@ -281,6 +292,20 @@ class LatentRunner:
         if mlp.shared_experts is not None:
             y = y + self._mlp(f"{prefix}.shared_experts", mlp.shared_experts, x, lora, None)
         return y
+
+    def _expert_table(self, i: int, moe: MoE, x: torch.Tensor):
+        """Layer i's ExpertTable for fp8_cpu.moe_small, or None where it does not apply
+        (FP8 or non-CPU experts, no C kernels, not float32)."""
+        table = self._tables.get(i, False)
+        if table is False or (table is not None and not table.matches(moe.experts)):
+            table = None
+            if x.device.type == "cpu" and x.dtype == torch.float32 and fp8_cpu.available():
+                try:
+                    table = fp8_cpu.ExpertTable(moe.experts)
+                except (RuntimeError, AttributeError):
+                    table = None  # e.g. FP8 experts: the model's own dispatch runs them
+            self._tables[i] = table
+        return table
 
     def _mlp(self, prefix: str, mlp: MLP, x, lora: LoRABatch, rows):
         g = self._linear(f"{prefix}.gate_proj", mlp.gate_proj, x, lora, rows)

@@ -1,6 +1,7 @@
 """Build, load and call the C CPU kernels (``inference/csrc/fp8_cpu.c``): the FP8 matmuls and
-dequantiser, and one float32 kernel for decode-sized batches (``gemm_f32_small``, a
-candidate of ``inference.cpu_linear``'s measured dispatch).
+dequantiser, and two float32 kernels for decode-sized batches: ``gemm_f32_small`` (a
+candidate of ``inference.cpu_linear``'s measured dispatch) and ``moe_small``, a whole MoE
+layer's routed experts in one call (the serving step's decode path, ``inference.decode``).
 
 The kernel is plain C with OpenMP, compiled by the machine's ``cc`` on first use into a
 cache directory (``$ENCLAVE_KERNEL_CACHE``, default ``~/.cache/enclave/kernels``) under a name
@@ -100,6 +101,9 @@ def _library() -> ctypes.CDLL | None:
     lib.fp8_gemm_blocked.restype = ctypes.c_int
     lib.f32_gemm_small.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.f32_gemm_small.restype = ctypes.c_int
+    lib.f32_moe_small.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr]
+    lib.f32_moe_small.argtypes.append(ctypes.c_int)
+    lib.f32_moe_small.restype = ctypes.c_int
     return lib
 
 
@@ -215,4 +219,56 @@ def gemm_f32_small(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     )
     if rc != 0:
         raise RuntimeError("gemm_f32_small: no vector path on this CPU")
+    return y
+
+
+class ExpertTable:
+    """The addresses of an MoE layer's float32 expert weights, for ``moe_small``; it holds
+    the weight tensors themselves, so the addresses stay valid while the table lives.
+    ``matches(experts)`` checks (cheaply) that the layer still has these weights."""
+
+    def __init__(self, experts):
+        self.weights = [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in experts]
+        for trio in self.weights:
+            for w in trio:
+                if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+                    raise RuntimeError("moe_small wants contiguous float32 CPU expert weights")
+        self.gate, self.up, self.down = (
+            torch.tensor([trio[i].data_ptr() for trio in self.weights], dtype=torch.int64)
+            for i in range(3)
+        )
+        self.inter, self.hidden = self.weights[0][0].shape
+
+    def matches(self, experts) -> bool:
+        return len(experts) == len(self.weights) and all(
+            e.gate_proj.weight is t[0] and e.down_proj.weight is t[2]
+            for e, t in ((experts[0], self.weights[0]), (experts[-1], self.weights[-1]))
+        )
+
+
+def moe_small(
+    x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, table: ExpertTable
+) -> torch.Tensor:
+    """The routed experts' weighted sum for x [T, hidden] float32 (T <= 16), given the
+    router's choice (indices [T, k] int64, weights [T, k]): ``f32_moe_small``, one C call.
+    RuntimeError where it cannot run."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the C kernels are not available")
+    t, k = x.shape
+    if t > F32_MAX_ROWS or x.dtype != torch.float32 or k != table.hidden:
+        raise RuntimeError(
+            f"moe_small takes at most {F32_MAX_ROWS} float32 rows of width {table.hidden}"
+        )
+    x = x.contiguous()
+    idx = indices.to(torch.int64).contiguous()
+    g = weights.to(torch.float32).contiguous()
+    y = torch.zeros(t, k, dtype=torch.float32)
+    rc = lib.f32_moe_small(
+        x.data_ptr(), idx.data_ptr(), g.data_ptr(), y.data_ptr(), t, idx.shape[1],
+        len(table.weights), k, table.inter, table.gate.data_ptr(), table.up.data_ptr(),
+        table.down.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"moe_small failed ({rc})")
     return y
