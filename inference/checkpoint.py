@@ -29,7 +29,7 @@ from torch import nn
 
 from inference import fp8 as fp8_mod
 from inference.config import FP8_QUANTIZATION_CONFIG, ModelConfig
-from inference.cpu_linear import use_measured_linear
+from inference.cpu_linear import LinearKernels, use_measured_linear
 from inference.model import Transformer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -211,6 +211,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     fp8: bool | None = None,
     fp8_kernels: fp8_mod.FP8Kernels | None = None,
+    linear_kernels: LinearKernels | None = None,
 ) -> Transformer:
     """Load a checkpoint directory (config.json + safetensors) into a ``Transformer``.
 
@@ -220,6 +221,8 @@ def load_model(
     tensors to ``dtype``. A model with FP8 linears keeps its embedding in bfloat16 when
     ``dtype`` is float32. ``fp8_kernels`` is the kernel-choice record the FP8 linears share
     (default: a new one for this model; pass ``FP8Kernels(force=...)`` to pin a kernel).
+    ``linear_kernels`` is the same for the float32 CPU linears (``inference.cpu_linear``):
+    two models measuring separately may choose differently and so round differently.
 
     Returns the model in eval mode with ``.config``. Raises CheckpointError (a ValueError)
     naming the file and tensor for a bad config, truncated or missing file, missing or
@@ -321,7 +324,7 @@ def load_model(
     )
     if device.type == "cpu" and dtype == torch.float32:
         # float32 linears run on whichever CPU GEMM this machine measures fastest per shape
-        model.linear_kernels = use_measured_linear(model)
+        model.linear_kernels = use_measured_linear(model, linear_kernels)
     return model.eval()
 
 

@@ -175,7 +175,12 @@ def test_plain_peft_rewrites_dense_mlp_targets_which_is_why_apply_lora_guards(ch
 
 def test_adapter_files_load_onto_transformers_deepseek_with_the_same_logits(checkpoints, tmp_path):
     hf_dir = checkpoints[0]
-    peft_model = lora.apply_lora(inference.load_model(hf_dir), ("mla", "mlp"), r=4)
+    # One float32 kernel record for every model loaded here: models that measure their
+    # kernels separately may pick different ones, and "identical" below means bit for bit.
+    kernels = inference.LinearKernels(force="mkl")
+    peft_model = lora.apply_lora(
+        inference.load_model(hf_dir, linear_kernels=kernels), ("mla", "mlp"), r=4
+    )
     _perturb_lora(peft_model)
     files = lora.adapter_files(peft_model)
     assert set(files) == {"adapter_config.json", "adapter_model.safetensors"}
@@ -187,7 +192,7 @@ def test_adapter_files_load_onto_transformers_deepseek_with_the_same_logits(chec
     assert ((ours - base).abs().max() / base.abs().max()).item() > 1e-2  # the adapter matters
 
     # Our own loader, from bytes: identical.
-    reloaded = lora.load_adapter(inference.load_model(hf_dir), files)
+    reloaded = lora.load_adapter(inference.load_model(hf_dir, linear_kernels=kernels), files)
     with torch.no_grad():
         assert torch.equal(reloaded(ids), ours)
 
