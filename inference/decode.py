@@ -295,7 +295,7 @@ class LatentRunner:
 
     def _expert_table(self, i: int, moe: MoE, x: torch.Tensor):
         """Layer i's ExpertTable for fp8_cpu.moe_small, or None where it does not apply
-        (FP8 or non-CPU experts, no C kernels, not float32)."""
+        (non-CPU or mixed experts, no C kernels, activations not float32)."""
         table = self._tables.get(i, False)
         if table is False or (table is not None and not table.matches(moe.experts)):
             table = None
@@ -303,7 +303,7 @@ class LatentRunner:
                 try:
                     table = fp8_cpu.ExpertTable(moe.experts)
                 except (RuntimeError, AttributeError):
-                    table = None  # e.g. FP8 experts: the model's own dispatch runs them
+                    table = None  # the model's own dispatch runs them
             self._tables[i] = table
         return table
 

@@ -104,6 +104,9 @@ def _library() -> ctypes.CDLL | None:
     lib.f32_moe_small.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr]
     lib.f32_moe_small.argtypes.append(ctypes.c_int)
     lib.f32_moe_small.restype = ctypes.c_int
+    lib.fp8_moe_small.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr]
+    lib.fp8_moe_small.argtypes += [ptr, ptr, ptr, ctypes.c_int]
+    lib.fp8_moe_small.restype = ctypes.c_int
     return lib
 
 
@@ -223,21 +226,42 @@ def gemm_f32_small(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertTable:
-    """The addresses of an MoE layer's float32 expert weights, for ``moe_small``; it holds
-    the weight tensors themselves, so the addresses stay valid while the table lives.
+    """The addresses of an MoE layer's expert weights for ``moe_small``: float32 weights, or
+    FP8 ones (e4m3 bytes and their ``weight_scale_inv``), all experts alike. It holds the
+    tensors themselves, so the addresses stay valid while the table lives.
     ``matches(experts)`` checks (cheaply) that the layer still has these weights."""
 
     def __init__(self, experts):
         self.weights = [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in experts]
-        for trio in self.weights:
+        self.fp8 = self.weights[0][0].dtype == torch.float8_e4m3fn
+        want = torch.float8_e4m3fn if self.fp8 else torch.float32
+        self.scales = []
+        for e, trio in zip(experts, self.weights, strict=True):
             for w in trio:
-                if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
-                    raise RuntimeError("moe_small wants contiguous float32 CPU expert weights")
-        self.gate, self.up, self.down = (
-            torch.tensor([trio[i].data_ptr() for trio in self.weights], dtype=torch.int64)
+                if w.dtype != want or w.device.type != "cpu" or not w.is_contiguous():
+                    raise RuntimeError(
+                        "moe_small wants contiguous float32 or FP8 CPU expert weights, all alike"
+                    )
+            if self.fp8:
+                trio_s = tuple(
+                    getattr(e, n).weight_scale_inv.contiguous()
+                    for n in ("gate_proj", "up_proj", "down_proj")
+                )
+                if any(sc.dtype != torch.float32 for sc in trio_s):
+                    raise RuntimeError("moe_small wants float32 FP8 block scales")
+                self.scales.append(trio_s)
+        self.gate, self.up, self.down = self._addresses(self.weights)
+        self.gate_s = self.up_s = self.down_s = None
+        if self.fp8:
+            self.gate_s, self.up_s, self.down_s = self._addresses(self.scales)
+        self.inter, self.hidden = self.weights[0][0].shape
+
+    @staticmethod
+    def _addresses(trios) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            torch.tensor([trio[i].data_ptr() for trio in trios], dtype=torch.int64)
             for i in range(3)
         )
-        self.inter, self.hidden = self.weights[0][0].shape
 
     def matches(self, experts) -> bool:
         return len(experts) == len(self.weights) and all(
@@ -250,7 +274,8 @@ def moe_small(
     x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, table: ExpertTable
 ) -> torch.Tensor:
     """The routed experts' weighted sum for x [T, hidden] float32 (T <= 16), given the
-    router's choice (indices [T, k] int64, weights [T, k]): ``f32_moe_small``, one C call.
+    router's choice (indices [T, k] int64, weights [T, k]): one C call, ``f32_moe_small`` or
+    (FP8 experts) ``fp8_moe_small``.
     RuntimeError where it cannot run."""
     lib = _library()
     if lib is None:
@@ -264,11 +289,16 @@ def moe_small(
     idx = indices.to(torch.int64).contiguous()
     g = weights.to(torch.float32).contiguous()
     y = torch.zeros(t, k, dtype=torch.float32)
-    rc = lib.f32_moe_small(
+    args = [
         x.data_ptr(), idx.data_ptr(), g.data_ptr(), y.data_ptr(), t, idx.shape[1],
         len(table.weights), k, table.inter, table.gate.data_ptr(), table.up.data_ptr(),
-        table.down.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        table.down.data_ptr(),
+    ]  # fmt: skip
+    if table.fp8:
+        args += [table.gate_s.data_ptr(), table.up_s.data_ptr(), table.down_s.data_ptr()]
+        rc = lib.fp8_moe_small(*args, torch.get_num_threads())
+    else:
+        rc = lib.f32_moe_small(*args, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"moe_small failed ({rc})")
     return y

@@ -358,7 +358,7 @@ int f32_gemm_small(const float *x, const float *w, float *y, int64_t M, int64_t 
 #endif
 }
 
-// ---- float32 routed experts, few tokens: one call per MoE layer ------------------------
+// ---- routed experts, few tokens: one call per MoE layer ---------------------------------
 // y[t] += sum over token t's chosen experts e (weight g) of
 //         g * down_e(silu(gate_e . x[t]) * (up_e . x[t]))
 // for T <= F32_MAX_ROWS tokens. In a decode step this replaces the Python dispatch over the
@@ -366,11 +366,18 @@ int f32_gemm_small(const float *x, const float *w, float *y, int64_t M, int64_t 
 // some thirty small PyTorch calls per layer at batch 1) with one call. Experts are visited
 // in id order, and each chosen expert's three weights are streamed once for all its tokens.
 // idx, g: [T, topk] expert ids (int64) and routing weights (float32). gate, up, down: the
-// addresses of every expert's float32 weights, gate and up [I, K], down [K, I], row-major.
+// addresses of every expert's weights, gate and up [I, K], down [K, I], row-major: float32
+// (f32_moe_small), or e4m3 bytes with their 128x128 block scales at gs, us, ds
+// (fp8_moe_small, through the fused decode-in-the-dot-product kernel above).
 #include <math.h>
+typedef void (*rows_fn)(const float *x, const void *w, const float *s, float *y, int64_t M,
+                        int64_t N, int64_t K, int nthreads);
+
 #ifdef HAVE_F16C
-static void f32_rows(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K,
-                     int nthreads) {
+static void f32_rows(const float *x, const void *wv, const float *s, float *y, int64_t M,
+                     int64_t N, int64_t K, int nthreads) {
+    const float *w = (const float *)wv;
+    (void)s;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const float *wr = w + n * K;
@@ -381,11 +388,16 @@ static void f32_rows(const float *x, const float *w, float *y, int64_t M, int64_
 }
 #endif
 
-int f32_moe_small(const float *x, const int64_t *idx, const float *g, float *y, int64_t T,
-                  int64_t topk, int64_t E, int64_t K, int64_t I, const int64_t *gate,
-                  const int64_t *up, const int64_t *down, int nthreads) {
-    if (T > F32_MAX_ROWS) return -1;
-#ifdef HAVE_F16C
+static void fp8_rows(const float *x, const void *w, const float *s, float *y, int64_t M,
+                     int64_t N, int64_t K, int nthreads) {
+    fp8_gemm_fused(x, (const uint8_t *)w, s, y, M, N, K, nthreads);
+}
+
+static int moe_small(const float *x, const int64_t *idx, const float *g, float *y, int64_t T,
+                     int64_t topk, int64_t E, int64_t K, int64_t I, const int64_t *gate,
+                     const int64_t *up, const int64_t *down, const int64_t *gs,
+                     const int64_t *us, const int64_t *ds, rows_fn rows_of, int nthreads) {
+    if (T > F32_MAX_ROWS || T > MAX_FUSED_ROWS) return -1;
     float *xs = malloc(sizeof(float) * F32_MAX_ROWS * K);      // the expert's tokens
     float *hs = malloc(sizeof(float) * F32_MAX_ROWS * I * 2);  // gate, then up, outputs
     float *os = malloc(sizeof(float) * F32_MAX_ROWS * K);      // down outputs
@@ -393,7 +405,7 @@ int f32_moe_small(const float *x, const int64_t *idx, const float *g, float *y, 
         free(xs), free(hs), free(os);
         return -3;
     }
-    float *us = hs + F32_MAX_ROWS * I;
+    float *ups = hs + F32_MAX_ROWS * I;
     int64_t rows[F32_MAX_ROWS];
     float rw[F32_MAX_ROWS];
     for (int64_t e = 0; e < E; e++) {
@@ -406,10 +418,12 @@ int f32_moe_small(const float *x, const int64_t *idx, const float *g, float *y, 
                 }
         if (!m) continue;
         for (int64_t r = 0; r < m; r++) memcpy(xs + r * K, x + rows[r] * K, sizeof(float) * K);
-        f32_rows(xs, (const float *)(intptr_t)gate[e], hs, m, I, K, nthreads);
-        f32_rows(xs, (const float *)(intptr_t)up[e], us, m, I, K, nthreads);
-        for (int64_t q = 0; q < m * I; q++) hs[q] = hs[q] / (1.f + expf(-hs[q])) * us[q];
-        f32_rows(hs, (const float *)(intptr_t)down[e], os, m, K, I, nthreads);
+#define SCALES(a) ((a) ? (const float *)(intptr_t)(a)[e] : NULL)
+        rows_of(xs, (const void *)(intptr_t)gate[e], SCALES(gs), hs, m, I, K, nthreads);
+        rows_of(xs, (const void *)(intptr_t)up[e], SCALES(us), ups, m, I, K, nthreads);
+        for (int64_t q = 0; q < m * I; q++) hs[q] = hs[q] / (1.f + expf(-hs[q])) * ups[q];
+        rows_of(hs, (const void *)(intptr_t)down[e], SCALES(ds), os, m, K, I, nthreads);
+#undef SCALES
         for (int64_t r = 0; r < m; r++) {
             float *yr = y + rows[r] * K;
             const float *orow = os + r * K;
@@ -418,9 +432,25 @@ int f32_moe_small(const float *x, const int64_t *idx, const float *g, float *y, 
     }
     free(xs), free(hs), free(os);
     return 0;
+}
+
+int f32_moe_small(const float *x, const int64_t *idx, const float *g, float *y, int64_t T,
+                  int64_t topk, int64_t E, int64_t K, int64_t I, const int64_t *gate,
+                  const int64_t *up, const int64_t *down, int nthreads) {
+#ifdef HAVE_F16C
+    return moe_small(x, idx, g, y, T, topk, E, K, I, gate, up, down, NULL, NULL, NULL,
+                     f32_rows, nthreads);
 #else
-    (void)x, (void)idx, (void)g, (void)y, (void)topk, (void)E, (void)K, (void)I;
+    (void)x, (void)idx, (void)g, (void)y, (void)T, (void)topk, (void)E, (void)K, (void)I;
     (void)gate, (void)up, (void)down, (void)nthreads;
     return -2;
 #endif
+}
+
+int fp8_moe_small(const float *x, const int64_t *idx, const float *g, float *y, int64_t T,
+                  int64_t topk, int64_t E, int64_t K, int64_t I, const int64_t *gate,
+                  const int64_t *up, const int64_t *down, const int64_t *gs, const int64_t *us,
+                  const int64_t *ds, int nthreads) {
+    return moe_small(x, idx, g, y, T, topk, E, K, I, gate, up, down, gs, us, ds, fp8_rows,
+                     nthreads);
 }
