@@ -340,10 +340,11 @@ static inline void f32_row4(const float *x, const float *wr, float *y, int64_t m
 }
 #endif
 
-int f32_gemm_small(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K,
-                   int nthreads) {
-    if (M > F32_MAX_ROWS) return -1;
 #ifdef HAVE_F16C
+static void f32_rows(const float *x, const void *wv, const float *s, float *y, int64_t M,
+                     int64_t N, int64_t K, int nthreads) {
+    const float *w = (const float *)wv;
+    (void)s;  // float32 weights have no scales (the signature is rows_fn's, below)
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const float *wr = w + n * K;
@@ -351,6 +352,14 @@ int f32_gemm_small(const float *x, const float *w, float *y, int64_t M, int64_t 
         for (; m + 4 <= M; m += 4) f32_row4(x, wr, y, m, n, N, K);
         for (; m < M; m++) y[m * N + n] = f32_row1(x + m * K, wr, K);
     }
+}
+#endif
+
+int f32_gemm_small(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K,
+                   int nthreads) {
+    if (M > F32_MAX_ROWS) return -1;
+#ifdef HAVE_F16C
+    f32_rows(x, w, NULL, y, M, N, K, nthreads);
     return 0;
 #else
     (void)x, (void)w, (void)y, (void)N, (void)K, (void)nthreads;
@@ -372,21 +381,6 @@ int f32_gemm_small(const float *x, const float *w, float *y, int64_t M, int64_t 
 #include <math.h>
 typedef void (*rows_fn)(const float *x, const void *w, const float *s, float *y, int64_t M,
                         int64_t N, int64_t K, int nthreads);
-
-#ifdef HAVE_F16C
-static void f32_rows(const float *x, const void *wv, const float *s, float *y, int64_t M,
-                     int64_t N, int64_t K, int nthreads) {
-    const float *w = (const float *)wv;
-    (void)s;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const float *wr = w + n * K;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) f32_row4(x, wr, y, m, n, N, K);
-        for (; m < M; m++) y[m * N + n] = f32_row1(x + m * K, wr, K);
-    }
-}
-#endif
 
 static void fp8_rows(const float *x, const void *w, const float *s, float *y, int64_t M,
                      int64_t N, int64_t K, int nthreads) {
