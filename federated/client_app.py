@@ -145,6 +145,11 @@ def pack_arrays(arrays: Mapping[str, Any]) -> tuple[ArrayRecord, str]:
     return record, json.dumps(layout)
 
 
+def is_packed(record: ArrayRecord) -> bool:
+    """Whether ``record`` holds pack_arrays' flat Arrays (else one Array per tensor)."""
+    return any(k.startswith(_FLAT) for k in record)
+
+
 def unpack_arrays(record: ArrayRecord, layout: str | None) -> dict[str, Any]:
     """The inverse of pack_arrays. With no layout the record holds one Array per tensor
     (a server-side aggregate, or a sender that does not pack). ValueError when the flat

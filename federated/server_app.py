@@ -36,7 +36,13 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from federated.client_app import LAYOUT_KEY, content_arrays, pack_arrays, unpack_arrays
+from federated.client_app import (
+    LAYOUT_KEY,
+    content_arrays,
+    is_packed,
+    pack_arrays,
+    unpack_arrays,
+)
 from federated.config import FederationConfig, read_run_file
 from federated.strategy import OwnAggregation, build_strategy
 
@@ -251,8 +257,8 @@ class Federation:
             if agg_arrays is None:
                 raise RoundFailed("aggregation produced no adapter")
             # Flower's rules average the packed Arrays; OwnAggregation returns tensors.
-            packed = any(k.startswith("flat-") for k in agg_arrays)
-            new = _torch(unpack_arrays(agg_arrays, layouts.pop() if packed else None))
+            layout = layouts.pop() if is_packed(agg_arrays) else None
+            new = _torch(unpack_arrays(agg_arrays, layout))
         # FFA-LoRA replies carry only B; A stays the global one.
         self.tensors = {**self.tensors, **new}
         train_seconds = time.perf_counter() - start
