@@ -191,7 +191,7 @@ def content_arrays(content: RecordDict) -> dict[str, Any]:
     return unpack_arrays(content.array_records["arrays"], layout)
 
 
-def _to_torch(arrays: Mapping[str, Any]) -> dict:
+def to_torch(arrays: Mapping[str, Any]) -> dict:
     import torch
 
     return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
@@ -443,10 +443,10 @@ class NodeTrainer:
     def handle(self, kind: str, arrays: dict, config: Mapping[str, Any]) -> tuple[dict, dict]:
         """One request: numpy arrays and config in, (numpy arrays, metrics) out."""
         if kind == "train":
-            trained, metrics = self.train(_to_torch(arrays), config)
+            trained, metrics = self.train(to_torch(arrays), config)
             return _to_numpy(trained), metrics
         if kind == "evaluate":
-            return {}, self.evaluate(_to_torch(arrays), config)
+            return {}, self.evaluate(to_torch(arrays), config)
         if kind.startswith("secagg"):
             return self.secagg_stage(kind, arrays, config)
         raise ValueError(f"unknown request {kind!r}")

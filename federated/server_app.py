@@ -41,6 +41,7 @@ from federated.client_app import (
     content_arrays,
     is_packed,
     pack_arrays,
+    to_torch,
     unpack_arrays,
 )
 from federated.config import FederationConfig, read_run_file
@@ -117,12 +118,6 @@ def initial_adapter(config: FederationConfig) -> tuple[dict, str]:
 
 def _nbytes(tensors: dict) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors.values()))
-
-
-def _torch(arrays: dict) -> dict:
-    import torch
-
-    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
 
 class Federation:
@@ -258,7 +253,7 @@ class Federation:
                 raise RoundFailed("aggregation produced no adapter")
             # Flower's rules average the packed Arrays; OwnAggregation returns tensors.
             layout = layouts.pop() if is_packed(agg_arrays) else None
-            new = _torch(unpack_arrays(agg_arrays, layout))
+            new = to_torch(unpack_arrays(agg_arrays, layout))
         # FFA-LoRA replies carry only B; A stays the global one.
         self.tensors = {**self.tensors, **new}
         train_seconds = time.perf_counter() - start
@@ -437,7 +432,7 @@ class Federation:
         for m in replies:
             if "arrays" not in m.content:
                 return None
-            tensors = _torch(content_arrays(m.content))
+            tensors = to_torch(content_arrays(m.content))
             updates.append({**self.tensors, **tensors})
             weights.append(float(m.content.metric_records["metrics"]["num-examples"]))
         if not updates or not aggregation.lora_pairs(list(updates[0])):

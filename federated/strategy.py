@@ -43,15 +43,10 @@ class OwnAggregation(FedAvg):
         valid, _ = self._check_and_log_replies(list(replies), is_train=True)
         if not valid:
             return None, None
-        import torch
-
         from federated import aggregation
-        from federated.client_app import content_arrays
+        from federated.client_app import content_arrays, to_torch
 
-        updates = [
-            {k: torch.from_numpy(v.copy()) for k, v in content_arrays(m.content).items()}
-            for m in valid
-        ]
+        updates = [to_torch(content_arrays(m.content)) for m in valid]
         weights = [float(m.content.metric_records["metrics"]["num-examples"]) for m in valid]
         tensors, report = aggregation.aggregate_lora(
             updates,
