@@ -254,6 +254,10 @@ class GRPOConfig:
     # no per-step dequantisation; costs the base at full width in memory). False: it shares
     # the FP8 weights themselves. Same values either way (see lora.base_view).
     wide_sampling_weights: bool = True
+    # The frozen base's matmul dtype and dequantised-weight cache while scoring completions
+    # (the policy's forward and backward): as SFTConfig.precision and .fp8_cache_mb.
+    precision: str = "auto"
+    fp8_cache_mb: int = 2048
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that cannot describe a run."""
@@ -280,6 +284,11 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.importance_sampling_level must be in {IMPORTANCE_LEVELS}")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
             raise ValueError("GRPOConfig needs temperature > 0 and top_p in (0, 1]")
+        precisions = ("auto", "fp32", "bf16")  # finetune.run.PRECISIONS (it imports peft)
+        if self.precision not in precisions or self.fp8_cache_mb < 0:
+            raise ValueError(
+                f"GRPOConfig.precision must be one of {precisions} and fp8_cache_mb >= 0"
+            )
         if self.learning_rate <= 0 or self.beta < 0 or self.checkpoint_every < 0:
             raise ValueError("GRPOConfig needs learning_rate > 0, beta >= 0, checkpoint_every >= 0")
 
@@ -374,6 +383,7 @@ def train_grpo(
         policy = lora.apply_lora(
             model, config.targets, config.lora_r, config.lora_alpha, config.lora_dropout
         )
+    run.prepare_base(policy, config.precision, config.fp8_cache_mb, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     total_updates = config.max_steps * config.num_iterations
     optimizer = torch.optim.AdamW(

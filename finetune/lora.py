@@ -75,11 +75,6 @@ _TARGET_PATTERNS = {
 }
 _ROUTER_PATTERN = re.compile(r"model\.layers\.\d+\.mlp\.gate")
 
-# Kernels a training model may use where no gradient is needed (evaluation, sampling): both
-# dequantise exactly and compute the same product, so a timing-dependent choice between them
-# cannot make two runs differ. The C and bf16 kernels are faster but not bitwise equal.
-TRAINABLE_FP8_KERNELS = ("reference", "table_dequant")
-
 
 class LoraError(ValueError):
     """A target set, adapter file or merge request that cannot be honoured."""
@@ -397,23 +392,47 @@ def serving_state(peft_model: PeftModel) -> tuple[dict, dict[str, torch.Tensor]]
 # ---- FP8 base layers --------------------------------------------------------------------
 
 
-def prepare_fp8_for_training(model: nn.Module) -> int:
-    """Give every ``FP8Linear`` in ``model`` one ``FP8Kernels`` restricted to
-    ``TRAINABLE_FP8_KERNELS``; returns how many layers it changed.
+def prepare_fp8_for_training(
+    model: nn.Module, matmul_dtype: torch.dtype | None = None, cache_mb: float = 0
+) -> int:
+    """Make every ``FP8Linear`` in ``model`` deterministic for training; returns how many
+    layers it changed.
 
     The engine picks each shape's kernel by timing it, so two runs may pick differently, and
     the fast kernels sum in another order: a paused-and-resumed run would drift from an
-    uninterrupted one. The allowed kernels give bitwise-identical results. (Gradients
-    through frozen FP8 layers are the engine's: ``fp8_linear`` wraps every kernel in an
-    autograd function that keeps only the float8 bytes and scales for backward.)
+    uninterrupted one. So the frozen FP8 weights are instead dequantised exactly (byte value
+    times block scale) and multiplied by PyTorch in ``matmul_dtype`` (None: the layer's
+    compute dtype; ``torch.bfloat16`` halves the cost where the CPU has bf16 dot products,
+    ``bf16_matmul_is_fast``). The LoRA weights and everything outside the frozen linears
+    keep their own dtype. Up to ``cache_mb`` MiB of the dequantised weights are kept (in
+    module order), so those layers decode their bytes once per run rather than in every
+    forward and backward pass; the rest decode per use. Gradients flow to the inputs only:
+    the weights stay frozen.
     """
-    kernels = fp8_mod.FP8Kernels(allowed=TRAINABLE_FP8_KERNELS)
+    budget = cache_mb * 2**20
     count = 0
     for m in model.modules():
-        if isinstance(m, fp8_mod.FP8Linear):
-            m.kernels = kernels
-            count += 1
+        if not isinstance(m, fp8_mod.FP8Linear):
+            continue
+        m.dense_dtype = matmul_dtype or m.compute_dtype
+        m.dense = None
+        size = m.weight.numel() * torch.empty((), dtype=m.dense_dtype).element_size()
+        if size <= budget:
+            with torch.no_grad():
+                m.dense = m.dequantized_weight().to(m.dense_dtype)
+            budget -= size
+        count += 1
     return count
+
+
+def bf16_matmul_is_fast(device: torch.device | str = "cpu") -> bool:
+    """Whether bfloat16 matmuls beat float32 ones on ``device``: CUDA, or a CPU with
+    AVX512-BF16 or AMX (oneDNN's check), where they run about twice as fast."""
+    if torch.device(device).type == "cuda":
+        return True
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 # ---- merging ----------------------------------------------------------------------------

@@ -24,6 +24,27 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def matmul_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen base's matmuls for a config's ``precision``: "fp32", "bf16",
+    or "auto" (bf16 where it is fast, ``lora.bf16_matmul_is_fast``; else fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and lora.bf16_matmul_is_fast(device)):
+        return torch.bfloat16
+    return torch.float32
+
+
+def prepare_base(model, precision: str, fp8_cache_mb: float, device: torch.device) -> str:
+    """Set the frozen FP8 base of a training model to its matmul dtype and weight cache
+    (``lora.prepare_fp8_for_training``); returns the dtype used, "fp32" or "bf16"."""
+    dtype = matmul_dtype(precision, device)
+    lora.prepare_fp8_for_training(model, dtype, fp8_cache_mb)
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warmup over ``warmup`` steps, then cosine from 1 to 0 at ``total`` (the shape of
     transformers' get_cosine_schedule_with_warmup, with step 0 already above zero)."""

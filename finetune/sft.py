@@ -59,6 +59,7 @@ _RESUME_KEYS = (
     "grad_accum",
     "max_seq_len",
     "packing",
+    "precision",
     "seed",
     "val_fraction",
     "epochs",
@@ -86,9 +87,9 @@ class SFTConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
     max_seq_len: int = 512  # row length in tokens; longer examples are truncated
-    # Pack several examples per row (else one per row). The engine's forward takes no
-    # position ids or segment mask yet, so packed examples attend to the ones before them in
-    # the row (the loss is still only on each example's own assistant tokens).
+    # Pack several examples per row (else one per row). Either way the forward skips the
+    # padding and runs each example as its own sequence (positions from 0, attention within
+    # the example): packing changes the batches, never what an example trains on.
     packing: bool = False
     seed: int = 0  # LoRA init, validation split, example and batch order, dropout
     val_fraction: float = 0.0  # share of train_examples held out when val_examples is None
@@ -100,6 +101,13 @@ class SFTConfig:
     # and out of the optimizer: ("lora_A",) is FFA-LoRA (only B trains; federated averaging
     # of B is then exact because every member shares A).
     freeze: tuple[str, ...] = ()
+    # Dtype of the frozen FP8 base's matmuls, forward and backward: "auto" (bf16 where it is
+    # fast: CUDA, or a CPU with AVX512-BF16 or AMX; else fp32), "fp32" or "bf16". The LoRA
+    # weights, optimizer, norms, router, attention and loss stay float32 either way.
+    precision: str = "auto"
+    # MiB of the base's dequantised weights (in that dtype) kept for the run, so that layers
+    # do not decode their float8 bytes in every pass; 0 decodes on every use (least memory).
+    fp8_cache_mb: int = 2048
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that cannot describe a run."""
@@ -127,6 +135,12 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.max_steps must be >= 1 or None, got {self.max_steps}")
         if self.log_every < 1:
             raise ValueError(f"SFTConfig.log_every must be >= 1, got {self.log_every}")
+        if self.precision not in run.PRECISIONS:
+            raise ValueError(
+                f"SFTConfig.precision must be one of {run.PRECISIONS}: {self.precision!r}"
+            )
+        if self.fp8_cache_mb < 0:
+            raise ValueError(f"SFTConfig.fp8_cache_mb must be >= 0, got {self.fp8_cache_mb}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError("SFTConfig.early_stopping_patience must be >= 1 or None")
         if isinstance(self.freeze, str) or not all(isinstance(f, str) and f for f in self.freeze):
@@ -159,8 +173,8 @@ class SFTResult:
     steps: optimizer steps done in total (resumed segments included).
     adapter_files: the adapter in PEFT format (file name -> bytes); with early stopping,
         the adapter of the best evaluation.
-    metrics: the last metrics dict reported (empty if no step ran), plus
-        ``early_stopped`` and ``best_val_loss`` when validation ran.
+    metrics: the last metrics dict reported, plus ``precision`` (the base's matmul dtype,
+        "fp32" or "bf16"), and ``early_stopped`` and ``best_val_loss`` when validation ran.
     trained_tokens: assistant tokens the loss saw, over all segments.
     state: resumable state bytes after the last step (pass to ``resume_state``).
     """
@@ -236,6 +250,7 @@ def train_sft(
             model, config.targets, config.lora_r, config.lora_alpha, config.lora_dropout
         )
     _freeze(peft_model, config.freeze)
+    precision = run.prepare_base(peft_model, config.precision, config.fp8_cache_mb, device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
 
     batches = data.BatchIterator(
@@ -332,7 +347,7 @@ def train_sft(
     final_state = _save_state(config, peft_model, optimizer, scheduler, batches, progress)
     if progress.best_lora is not None and config.early_stopping_patience is not None:
         run.load_lora_tensors(peft_model, progress.best_lora)
-    result_metrics = dict(last_metrics)
+    result_metrics = dict(last_metrics, precision=precision)
     if progress.best_val_loss is not None:
         result_metrics.update(
             early_stopped=progress.early_stopped, best_val_loss=progress.best_val_loss
@@ -354,13 +369,18 @@ def evaluate_adapter(
     *,
     max_seq_len: int = 512,
     batch_size: int = 4,
+    precision: str = "auto",
 ) -> dict:
     """Loss of the base model plus ``adapter_files`` (None: the base alone) on ``examples``.
 
     Returns {"loss": mean per assistant token, "token_accuracy", "tokens"}: the numbers
-    ``train_sft`` reports as val_loss and val_token_accuracy. Raises as ``train_sft`` does.
+    ``train_sft`` reports as val_loss and val_token_accuracy (with the same ``precision``:
+    the base's matmul dtype, as ``SFTConfig.precision``). Raises as ``train_sft`` does.
     """
-    config = SFTConfig(model_path=model_path, max_seq_len=max_seq_len, batch_size=batch_size)
+    config = SFTConfig(
+        model_path=model_path, max_seq_len=max_seq_len, batch_size=batch_size, precision=precision
+    )
+    config.validate()
     rows = _rows(
         _load_tokenizer(model_path), _normalise(examples, "examples"), config, shuffle_seed=None
     )
@@ -368,6 +388,7 @@ def evaluate_adapter(
     model = inference.load_model(model_path, device=device)
     if adapter_files is not None:
         model = lora.load_adapter(model, adapter_files)
+    run.prepare_base(model, precision, 0, device)
     loss, accuracy = _evaluate(model, rows, batch_size, device)
     tokens = sum(sum(1 for x in r.labels[1:] if x != data.IGNORE_INDEX) for r in rows)
     return {"loss": loss, "token_accuracy": accuracy, "tokens": tokens}
@@ -459,20 +480,74 @@ def token_loss(
 
 
 def labelled_loss(
-    model, ids: torch.Tensor, labels: torch.Tensor
+    model,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``token_loss(model(ids), labels)`` computed with the vocabulary projection run only on
     the positions whose next token is labelled (``logits_at``): the same values, a fraction
     of the head's work and of the [B, T, vocab] logits' memory (about a third of the
-    positions in chat SFT data are the assistant's)."""
+    positions in chat SFT data are the assistant's).
+
+    ``attention_mask`` (1 on real tokens) and ``position_ids``, as ``finetune.data``'s rows
+    carry them: right padding is then not computed at all, and the examples packed into a
+    row (positions restarting at 0) attend within themselves only (``segments``), so a
+    packed example trains exactly as it would alone."""
     targets_mask = labels[:, 1:] != data.IGNORE_INDEX
     at = torch.zeros_like(labels, dtype=torch.bool)
     at[:, :-1] = targets_mask
-    logits = model(ids, logits_at=at).float()
-    targets = labels[:, 1:][targets_mask]
+    segments = row_segments(attention_mask, position_ids)
+    if segments is not None:
+        # A label on padding never happens; nor the last token of a sequence predicting the
+        # next sequence's first (bos carries no label). Guard anyway: those are not scored.
+        ends = torch.zeros_like(at)
+        for b, row in enumerate(segments):
+            ends[b, torch.tensor(row).cumsum(0) - 1] = True
+        at &= attention_mask.bool() & ~ends
+        logits = model(ids, logits_at=at, segments=segments).float()
+        targets = labels[:, 1:][at[:, :-1]]
+    else:
+        logits = model(ids, logits_at=at).float()
+        targets = labels[:, 1:][targets_mask]
     loss = F.cross_entropy(logits, targets, reduction="sum")
     hits = (logits.argmax(-1) == targets).sum()
-    return loss, hits, int(targets_mask.sum())
+    return loss, hits, int(targets.numel())
+
+
+def row_segments(
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+) -> list[list[int]] | None:
+    """Per row, the lengths of the sequences in it (``Transformer.forward``'s ``segments``):
+    the real prefix of a right-padded ``attention_mask``, split where ``position_ids``
+    restart at 0 (each sequence numbered 0, 1, 2, ...). None when there is nothing to skip
+    or split, or the mask or positions are not of that form (the plain path then runs)."""
+    if attention_mask is None:
+        return None
+    bsz, seqlen = attention_mask.shape
+    lengths = attention_mask.sum(dim=1)
+    steps = torch.arange(seqlen, device=attention_mask.device)
+    if bool((lengths == 0).any()) or not torch.equal(
+        attention_mask.bool(), steps < lengths[:, None]
+    ):
+        return None
+    rows = []
+    for b, n in enumerate(lengths.tolist()):
+        if position_ids is None:
+            rows.append([n])
+            continue
+        pos = position_ids[b, :n]
+        starts = (pos == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            return None
+        row = [end - start for start, end in zip(starts, [*starts[1:], n], strict=True)]
+        if not torch.equal(pos.cpu(), torch.cat([torch.arange(m) for m in row])):
+            return None
+        rows.append(row)
+    if all(row == [seqlen] for row in rows):
+        return None
+    return rows
 
 
 def _train_step(
@@ -485,7 +560,9 @@ def _train_step(
     for batch in micro:
         ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
-        loss, hits, count = labelled_loss(model, ids, labels)
+        mask = batch["attention_mask"].to(device)
+        positions = batch["position_ids"].to(device)
+        loss, hits, count = labelled_loss(model, ids, labels, mask, positions)
         if count:
             (loss / max(total, 1)).backward()
         loss_sum += loss.item()
@@ -506,7 +583,9 @@ def _evaluate(
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         ids = torch.stack([it["input_ids"] for it in items]).to(device)
         labels = torch.stack([it["labels"] for it in items]).to(device)
-        loss, h, c = labelled_loss(model, ids, labels)
+        mask = torch.stack([it["attention_mask"] for it in items]).to(device)
+        positions = torch.stack([it["position_ids"] for it in items]).to(device)
+        loss, h, c = labelled_loss(model, ids, labels, mask, positions)
         loss_sum, hits, count = loss_sum + loss.item(), hits + int(h), count + c
     return loss_sum / max(count, 1), hits / max(count, 1)
 

@@ -302,6 +302,25 @@ class _FP8LinearFunction(torch.autograd.Function):
         return grad @ _dequantize_fast(q, scale, grad.dtype), None, None, None
 
 
+class _DenseLinearFunction(torch.autograd.Function):
+    """The training product of a frozen FP8 layer: x @ W.T with W dequantised exactly and
+    multiplied in ``dtype``, through ``dense`` (the kept copy) when there is one, else
+    decoded from the bytes in each pass, so that backward holds only the float8 bytes."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale, dense, dtype):
+        ctx.save_for_backward(q, scale, dense)
+        ctx.dtype = dtype
+        w = dense if dense is not None else _dequantize_fast(q, scale, dtype)
+        return F.linear(x.to(dtype), w).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scale, dense = ctx.saved_tensors
+        w = dense if dense is not None else _dequantize_fast(q, scale, ctx.dtype)
+        return (grad.to(ctx.dtype) @ w).to(grad.dtype), None, None, None, None
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -391,10 +410,25 @@ class FP8Linear(nn.Linear):
         """The weight in ``compute_dtype`` (a new tensor)."""
         return _dequantize_fast(self.weight, self.weight_scale_inv, self.compute_dtype)
 
+    # Training (``finetune.lora.prepare_fp8_for_training``): the dtype the frozen weight is
+    # multiplied in, and optionally a dequantised copy of it in that dtype, kept so that
+    # neither the forward nor the backward pass decodes the float8 bytes again. None: the
+    # measured FP8 kernels (serving).
+    dense_dtype: torch.dtype | None = None
+    dense: torch.Tensor | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(
-            x, self.weight, self.weight_scale_inv, self.bias, self.compute_dtype, self.kernels
+        if self.dense_dtype is None:
+            return fp8_linear(
+                x, self.weight, self.weight_scale_inv, self.bias, self.compute_dtype, self.kernels
+            )
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1]).to(self.compute_dtype)
+        y = _DenseLinearFunction.apply(
+            x2d, self.weight, self.weight_scale_inv, self.dense, self.dense_dtype
         )
+        y = y.view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 128x128"

@@ -158,8 +158,16 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin, c.rope_interleave)
         return self.kv_a_layernorm(latent), k_rope
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over the whole sequence: x [B, T, hidden] -> [B, T, hidden]."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Causal self-attention over the whole sequence: x [B, T, hidden] -> [B, T, hidden].
+        ``segments``: x is [1, sum(segments), hidden], sequences laid end to end, each
+        attending within itself only (padding-free batches, see ``Transformer.forward``)."""
         c = self.config
         bsz, seqlen, _ = x.shape
         h = c.num_attention_heads
@@ -176,13 +184,20 @@ class MultiHeadLatentAttention(nn.Module):
         pad = c.qk_head_dim - c.v_head_dim
         if pad > 0:
             v = F.pad(v, (0, pad))
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            scale=c.softmax_scale,
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if segments is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=c.softmax_scale)
+        else:
+            parts = zip(
+                q.split(segments, 2), k.split(segments, 2), v.split(segments, 2), strict=True
+            )
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(*qkv, is_causal=True, scale=c.softmax_scale)
+                    for qkv in parts
+                ],
+                dim=2,
+            )
         out = out[..., : c.v_head_dim].transpose(1, 2).reshape(bsz, seqlen, h * c.v_head_dim)
         return self.o_proj(out)
 
@@ -302,8 +317,14 @@ class Block(nn.Module):
         dense = layer_id < config.first_k_dense_replace
         self.mlp = MLP(config.hidden_size, config.intermediate_size) if dense else MoE(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: list[int] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -317,13 +338,24 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        compute_dtype: torch.dtype,
+        segments: list[int] | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> hidden states [B, T, hidden]; with ``segments``, input_ids is
+        [1, sum(segments)]: sequences end to end, positions restarting at each."""
+        device = input_ids.device
+        if segments is None:
+            positions = torch.arange(input_ids.shape[1], device=device)
+        else:
+            positions = torch.cat([torch.arange(n, device=device) for n in segments])
         cos, sin = self.rotary_emb(positions)
         # The embedding may be stored narrower than the compute dtype (bf16 in FP8 checkpoints).
         x = self.embed_tokens(input_ids).to(compute_dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, segments)
         return self.norm(x)
 
 
@@ -346,7 +378,10 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(
-        self, input_ids: torch.Tensor, logits_at: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        logits_at: torch.Tensor | None = None,
+        segments: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab].
 
@@ -354,15 +389,44 @@ class Transformer(nn.Module):
         [n, vocab] in row-major order. Training scores a fraction of the positions (the
         assistant's tokens, a completion), and the vocabulary projection is a large share of
         a small model's work: it then runs on those rows alone.
+
+        ``segments`` (requires ``logits_at``): for each row, the lengths of the sequences
+        laid end to end from its first position, right padding after them. The padding is
+        then never computed, and each sequence attends within itself only, its positions
+        starting at 0: packed examples are kept apart, each computed as if it were alone.
+        ``[[n_b] for each row b]`` just skips the padding (causal attention never looks
+        right, so the real positions get the padded batch's results). ``logits_at`` must
+        not select padding.
         """
-        h = self.model(input_ids, self.compute_dtype)
-        if logits_at is not None:
-            if logits_at.shape != input_ids.shape or logits_at.dtype != torch.bool:
+        if logits_at is not None and (
+            logits_at.shape != input_ids.shape or logits_at.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"logits_at must be a bool mask shaped like input_ids {tuple(input_ids.shape)},"
+                f" got {logits_at.dtype} {tuple(logits_at.shape)}"
+            )
+        if segments is None:
+            h = self.model(input_ids, self.compute_dtype)
+            if logits_at is not None:
+                h = h[logits_at]
+        else:
+            if logits_at is None:
+                raise ValueError("segments needs logits_at: the padding has no logits")
+            bsz, seqlen = input_ids.shape
+            if len(segments) != bsz or any(
+                not row or min(row) < 1 or sum(row) > seqlen for row in segments
+            ):
                 raise ValueError(
-                    f"logits_at must be a bool mask shaped like input_ids {tuple(input_ids.shape)},"
-                    f" got {logits_at.dtype} {tuple(logits_at.shape)}"
+                    f"segments must give each of the {bsz} rows sequence lengths >= 1 that sum"
+                    f" to at most {seqlen}, got {segments}"
                 )
-            h = h[logits_at]
+            lengths = torch.tensor([sum(row) for row in segments], device=input_ids.device)
+            real = torch.arange(seqlen, device=input_ids.device) < lengths[:, None]
+            if (logits_at & ~real).any():
+                raise ValueError("logits_at selects padding positions (beyond the segments)")
+            flat = [n for row in segments for n in row]
+            h = self.model(input_ids[real][None], self.compute_dtype, flat)
+            h = h[0][logits_at[real]]
         if self.lm_head is None:
             return F.linear(h, self.model.embed_tokens.weight.to(h.dtype))
         return self.lm_head(h)

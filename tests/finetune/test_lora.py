@@ -340,3 +340,51 @@ def test_training_keeps_no_wide_copy_of_fp8_weights_for_backward(checkpoints):
         p.grad for n, p in peft_model.named_parameters() if "layers.0.self_attn.q_b_proj.lora_" in n
     ]
     assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def _loss_and_grads(peft_model: PeftModel) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    peft_model.zero_grad(set_to_none=True)
+    loss = peft_model(_ids(n=2, t=11)).float().pow(2).mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
+
+
+def test_kept_dequantised_weights_change_nothing_but_the_cost(checkpoints):
+    peft_model = lora.apply_lora(inference.load_model(checkpoints[1]), ("mla", "mlp"), r=4)
+    _perturb_lora(peft_model)
+    layers = [m for m in peft_model.modules() if isinstance(m, FP8Linear)]
+    loss, grads = _loss_and_grads(peft_model)  # apply_lora's default: decode on every use
+    assert all(m.dense is None for m in layers)
+
+    assert lora.prepare_fp8_for_training(peft_model, torch.float32, cache_mb=64) == len(layers)
+    assert all(m.dense is not None and m.dense.dtype == torch.float32 for m in layers)
+    kept_loss, kept_grads = _loss_and_grads(peft_model)
+    assert torch.equal(loss, kept_loss)  # bitwise: the same exact weights, the same products
+    assert all(torch.equal(a, b) for a, b in zip(grads, kept_grads, strict=True))
+
+    # A budget that holds the first layer but not all of them: the rest decode per use.
+    first = layers[0].weight.numel() * 4 / 2**20
+    lora.prepare_fp8_for_training(peft_model, torch.float32, cache_mb=first)
+    kept = [m.dense is not None for m in layers]
+    assert kept[0] and not all(kept)
+    part_loss, part_grads = _loss_and_grads(peft_model)
+    assert torch.equal(loss, part_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, part_grads, strict=True))
+
+
+def test_bf16_base_matmuls_stay_close_to_fp32_and_keep_adapters_fp32(checkpoints):
+    peft_model = lora.apply_lora(inference.load_model(checkpoints[1]), ("mla", "mlp"), r=4)
+    _perturb_lora(peft_model)
+    loss, grads = _loss_and_grads(peft_model)
+    lora.prepare_fp8_for_training(peft_model, torch.bfloat16, cache_mb=64)
+    layers = [m for m in peft_model.modules() if isinstance(m, FP8Linear)]
+    assert all(m.dense.dtype == torch.bfloat16 for m in layers)
+    bf_loss, bf_grads = _loss_and_grads(peft_model)
+    assert not torch.equal(loss, bf_loss)  # the products really ran in bf16
+    assert bf_loss.item() == pytest.approx(loss.item(), rel=2e-2)
+    for a, b in zip(grads, bf_grads, strict=True):
+        assert b.dtype == torch.float32
+        assert ((a - b).norm() / a.norm()).item() < 5e-2
+    assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)
+    lora.prepare_fp8_for_training(peft_model, torch.bfloat16, cache_mb=0)  # decode per use
+    assert torch.equal(_loss_and_grads(peft_model)[0], bf_loss)

@@ -552,3 +552,116 @@ def test_the_loss_on_labelled_positions_only_equals_the_full_logits_loss_and_its
             model(ids, logits_at=(labels != -100).long())
         with pytest.raises(ValueError, match="logits_at must be a bool mask"):
             model(ids, logits_at=torch.ones(3, 5, dtype=torch.bool))
+
+
+def test_precision_and_weight_cache_are_checked_and_reported(model_dir):
+    with pytest.raises(ValueError, match="SFTConfig.precision"):
+        _config(model_dir, precision="fp16").validate()
+    with pytest.raises(ValueError, match="SFTConfig.fp8_cache_mb"):
+        _config(model_dir, fp8_cache_mb=-1).validate()
+    examples = _examples(6)
+    fp32 = train_sft(_config(model_dir, precision="fp32", max_steps=2), train_examples=examples)
+    assert fp32.metrics["precision"] == "fp32"
+    # Decoding per use or from the kept copy: the same float32 products, bit for bit.
+    uncached = train_sft(
+        _config(model_dir, precision="fp32", max_steps=2, fp8_cache_mb=0), train_examples=examples
+    )
+    assert all(torch.equal(_adapter(fp32)[k], v) for k, v in _adapter(uncached).items())
+    bf16 = train_sft(_config(model_dir, precision="bf16", max_steps=2), train_examples=examples)
+    assert bf16.metrics["precision"] == "bf16"
+    assert bf16.metrics["loss"] == pytest.approx(fp32.metrics["loss"], rel=2e-2)
+    assert bf16.metrics["loss"] != fp32.metrics["loss"]
+
+
+def test_right_padding_is_skipped_with_the_padded_batchs_loss_and_gradients(model_dir):
+    # With an attention mask of right padding, labelled_loss runs the rows' real tokens end
+    # to end (Transformer.forward(segments=...)): the same loss, hits and adapter gradients
+    # as the padded batch, within float32 summation order.
+    from finetune import lora
+    from finetune.sft import labelled_loss
+
+    model = inference.load_model(model_dir)
+    peft_model = lora.apply_lora(model, ("mla", "mlp"), 4, 8)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 512, (3, 20), generator=g)
+    lengths = torch.tensor([20, 13, 7])
+    mask = (torch.arange(20) < lengths[:, None]).long()
+    ids[mask == 0] = 2  # the pad id
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    labels[:, :3] = -100  # a prompt
+
+    def run(*args):
+        peft_model.zero_grad(set_to_none=True)
+        loss, hits, count = labelled_loss(peft_model, ids, labels, *args)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        return loss.item(), int(hits), count, grads
+
+    padded, skipped = run(), run(mask)
+    assert skipped[2] == padded[2] == 17 + 10 + 4  # targets at positions 3..L-1
+    assert skipped[1] == padded[1]
+    assert skipped[0] == pytest.approx(padded[0], rel=1e-5)
+    for name, grad in padded[3].items():
+        assert ((skipped[3][name] - grad).norm() / grad.norm()).item() < 1e-5, name
+
+    at = labels != -100
+    with torch.no_grad():
+        rows = [[n] for n in lengths.tolist()]
+        torch.testing.assert_close(model(ids, logits_at=at, segments=rows), model(ids)[at])
+        with pytest.raises(ValueError, match="segments needs logits_at"):
+            model(ids, segments=rows)
+        with pytest.raises(ValueError, match="selects padding"):
+            model(ids, logits_at=torch.ones_like(at), segments=rows)
+        with pytest.raises(ValueError, match="segments must give each of the 3 rows"):
+            model(ids, logits_at=at, segments=[[20], [0], [7]])
+        with pytest.raises(ValueError, match="segments must give each of the 3 rows"):
+            model(ids, logits_at=at, segments=[[20], [13, 8], [7]])
+
+
+def test_packed_examples_train_as_if_each_were_alone(model_dir):
+    # A packed row (positions restarting at each example) runs its examples as separate
+    # sequences: its loss and gradients are those of the examples in rows of their own.
+    from finetune import data, lora
+    from finetune.sft import labelled_loss, row_segments
+
+    model = inference.load_model(model_dir)
+    peft_model = lora.apply_lora(model, ("mla", "mlp"), 4, 8)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(2)
+    encoded = []
+    for n in (9, 14, 6):
+        ids = [0, *torch.randint(3, 512, (n - 1,), generator=g).tolist()]  # bos first
+        encoded.append((ids, [-100, -100, *ids[2:]]))
+    packed, _ = data.pack_examples(encoded, 32, pack=True)
+    alone, _ = data.pack_examples(encoded, 32, pack=False)
+    assert len(packed) == 1 and len(alone) == 3
+
+    def batch(rows):
+        return [torch.tensor([getattr(r, k) for r in rows]) for k in data.PackedDataset.KEYS]
+
+    def run(rows, plain=False):
+        ids, labels, mask, positions = batch(rows)
+        peft_model.zero_grad(set_to_none=True)
+        args = () if plain else (mask, positions)
+        loss, hits, count = labelled_loss(peft_model, ids, labels, *args)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        return loss.item(), count, grads
+
+    assert row_segments(*batch(packed)[2:]) == [[9, 14, 6]]
+    together, separate, plain_rows = run(packed), run(alone), run(alone, plain=True)
+    assert together[1] == separate[1] == plain_rows[1] == 7 + 12 + 4
+    assert together[0] == pytest.approx(plain_rows[0], rel=1e-5)
+    for name, grad in plain_rows[2].items():
+        assert ((together[2][name] - grad).norm() / grad.norm()).item() < 1e-5, name
+    # Without the positions the row is one sequence: the examples see each other.
+    ids, labels, mask, _ = batch(packed)
+    crossed = labelled_loss(peft_model, ids, labels, mask)[0].item()
+    assert abs(crossed - together[0]) > 1e-3 * abs(together[0])
