@@ -24,8 +24,11 @@ def test_finetune_bench_quick_writes_json(tmp_path):
     report = json.loads((tmp_path / "finetune.json").read_text())
     assert report["quick"] is True and report["config"] == "tiny"
     sides = report["sides"]
-    assert set(sides) == {"ours_sft", "peft_sft", "ours_grpo", "trl_grpo"}
-    for name in ("ours_sft", "peft_sft"):
+    sft_sides = ("ours_sft", "peft_sft", "ours_sft_fp32", "peft_sft_bf16")
+    assert set(sides) == {*sft_sides, "ours_grpo", "trl_grpo"}
+    assert sides["ours_sft_fp32"]["precision"] == sides["peft_sft"]["precision"] == "fp32"
+    assert sides["peft_sft_bf16"]["precision"] == "bf16"
+    for name in sft_sides:
         assert sides[name]["tokens_per_s"] > 0 and sides[name]["peak_rss_bytes"] > 0
         assert len(sides[name]["step_s"]) == report["settings"]["sft_steps"]
     for name in ("ours_grpo", "trl_grpo"):
@@ -34,7 +37,12 @@ def test_finetune_bench_quick_writes_json(tmp_path):
         assert len(side["step_s"]) == report["settings"]["grpo_steps"]
         assert 0 < side["generation_share"] < 1
         assert all(g > 0 for g in side["generation_s"])
-    for key in ("sft_tokens_per_s_vs_peft", "sft_peak_rss_vs_peft", "grpo_steps_per_s_vs_trl"):
+    for key in (
+        "sft_tokens_per_s_vs_peft",
+        "sft_fp32_tokens_per_s_vs_peft_fp32",
+        "sft_peak_rss_vs_peft",
+        "grpo_steps_per_s_vs_trl",
+    ):
         assert report["ratios"][key] > 0
     assert report["generation_share"]["ours"] == sides["ours_grpo"]["generation_share"]
     # Same weights on both SFT sides (ours FP8-rounded): the first loss agrees closely.
