@@ -403,8 +403,8 @@ def prepare_fp8_for_training(
     uninterrupted one. So the frozen FP8 weights are instead dequantised exactly (byte value
     times block scale) and multiplied by PyTorch in ``matmul_dtype`` (None: the layer's
     compute dtype; ``torch.bfloat16`` halves the cost where the CPU has bf16 dot products,
-    ``bf16_matmul_is_fast``). The LoRA weights and everything outside the frozen linears
-    keep their own dtype. Up to ``cache_mb`` MiB of the dequantised weights are kept (in
+    ``inference.fp8.bf16_matmul_is_fast``). The LoRA weights and everything outside the
+    frozen linears keep their own dtype. Up to ``cache_mb`` MiB of the dequantised weights are kept (in
     module order), so those layers decode their bytes once per run rather than in every
     forward and backward pass; the rest decode per use. Gradients flow to the inputs only:
     the weights stay frozen.
@@ -423,16 +423,6 @@ def prepare_fp8_for_training(
             budget -= size
         count += 1
     return count
-
-
-def bf16_matmul_is_fast(device: torch.device | str = "cpu") -> bool:
-    """Whether bfloat16 matmuls beat float32 ones on ``device``: CUDA, or a CPU with
-    AVX512-BF16 or AMX (oneDNN's check), where they run about twice as fast."""
-    if torch.device(device).type == "cuda":
-        return True
-    return bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
 
 
 # ---- merging ----------------------------------------------------------------------------

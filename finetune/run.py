@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from finetune import lora
+from inference.fp8 import bf16_matmul_is_fast
 
 STATE_VERSION = 1
 
@@ -29,10 +30,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def matmul_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype of the frozen base's matmuls for a config's ``precision``: "fp32", "bf16",
-    or "auto" (bf16 where it is fast, ``lora.bf16_matmul_is_fast``; else fp32)."""
+    or "auto" (bf16 where it is fast, ``inference.fp8.bf16_matmul_is_fast``; else fp32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16" or (precision == "auto" and lora.bf16_matmul_is_fast(device)):
+    if precision == "bf16" or (precision == "auto" and bf16_matmul_is_fast(device)):
         return torch.bfloat16
     return torch.float32
 

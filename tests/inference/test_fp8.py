@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from inference import FP8Kernels, FP8Linear, ModelConfig, fp8_cpu
 from inference.fp8 import (
     _KERNELS,
+    bf16_matmul_is_fast,
     dequantize_weight,
     e4m3_table,
     fp8_linear,
@@ -125,6 +126,34 @@ def test_every_cpu_kernel_is_within_3_percent_of_fp32(kernel, m, n, k):
     # ...and every kernel computes the same product as the reference path.
     ref = _KERNELS["reference"][0](x, q, scale)
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_bf16_cpu_kernel_stays_within_its_rounding():
+    # The bf16-product kernel rounds inputs and weights to bf16 (about 0.4%), far inside
+    # the 3% FP8 budget, and returns float32.
+    g = torch.Generator().manual_seed(7)
+    w, x = torch.randn(384, 512, generator=g), torch.randn(300, 512, generator=g)
+    q, scale = quantize_weight(w)
+    ref = _KERNELS["reference"][0](x, q, scale)
+    y = _KERNELS["cpu_dequant_bf16"][0](x, q, scale)
+    err = ((y - ref).norm() / ref.norm()).item()
+    assert 0 < err < 1e-2 and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_kernel_is_a_candidate_only_where_bf16_dot_products_are_native(fast, monkeypatch):
+    import inference.fp8 as fp8_mod
+
+    if not fast:
+        monkeypatch.setattr(fp8_mod, "_cpu_bf16_fast", lambda: False)
+    native = fp8_mod._cpu_bf16_fast()  # this machine's answer when not patched
+    assert bf16_matmul_is_fast("cpu") == native and bf16_matmul_is_fast("cuda")
+    q, scale = quantize_weight(torch.randn(128, 256))
+    kernels = FP8Kernels()
+    fp8_linear(torch.randn(64, 256), q, scale, None, torch.float32, kernels)
+    timings = kernels.timings[("cpu", torch.float32, 64, 128, 256)]
+    assert ("cpu_dequant_bf16" in timings) == native
+    assert {"reference", "cpu_blocked"} <= set(timings)
 
 
 def test_cpu_kernel_decodes_all_codes_exactly():
