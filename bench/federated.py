@@ -5,17 +5,26 @@
 
 Setup: the shipped base model models/enclave-tiny (FP8, its tokenizer; ``--model PATH`` for
 another, ``--model random`` for the random 2-layer model of models/configs/tiny.json);
-three hospitals drawn from the medical suite, non-IID: each member's training set is
-mostly (``--skew``) one task family. The test set is the union of all families (held out),
-scored two ways: loss per assistant token (``--n-test`` rows) and accuracy of greedy
-completions by the suite's reward on ``--n-eval`` held-out items (finetune.evaluate: the
-serving engine, the same scoring as the model card).
+three hospitals, non-IID. ``--split department`` (the default): medical triage, each
+hospital's referrals mostly (``--skew``) its own specialties (SPECIALTIES: cardiology and
+neurology; gastroenterology and pulmonology; orthopedics, dermatology and urology), the
+rest from the others'. ``--split family``: the medical suite, each hospital mostly one task
+family (weight dosing, BMI, eGFR); the shipped model cannot learn the arithmetic families
+(see its model card), so that split shows nothing but the base rate. Every arm is scored
+on the same held-out items (every specialty or family in turn) by the suite's reward on
+greedy completions, overall and per specialty or family, and by loss per assistant token
+on ``--n-test`` held-out rows.
 
 Arms, all with the same compute (``rounds * local_steps`` optimizer steps per member):
-  local-only   each member trains alone on its own data; evaluated on the union test set
+  local-only   each member trains alone on its own data
   fedavg       federated, Flower simulation runtime, FedAvg weighted by examples
   ffa          federated, FFA-LoRA (A frozen at the shared init, B averaged: exact)
-  centralised  one trainer on the pooled data (what federation avoids), 3x the steps
+  centralised  one trainer on the pooled data (what federation avoids): the same examples
+               in the same number of updates (a step takes the three members' batches)
+  centralised 3x steps   the pooled data in three times the updates, one batch a step
+
+The federation decays the learning rate across rounds (``--lr-decay rounds``, members hold
+each round's rate over their local steps), as the centralised runs decay it across steps.
 
 Overhead: seconds per round on the simulation runtime and on the deployment runtime (TLS,
 node auth, warm node trainers; ``--no-deployment`` skips it) against pure local training
@@ -64,32 +73,110 @@ def make_model(out: Path, seed: int = 0) -> str:
     return str(out / "fp8")
 
 
-def make_data(out: Path, n_train: int, n_test: int, skew: float, seed: int) -> dict:
-    """Three members' JSONL (mostly one family each) and the union test set."""
+# The department split: three hospitals that each mostly refer to their own specialties.
+SPECIALTIES = {
+    "hospital-a": ("cardiology", "neurology"),
+    "hospital-b": ("gastroenterology", "pulmonology"),
+    "hospital-c": ("orthopedics", "dermatology", "urology"),
+}
+
+
+def _triage_items(seed: int, departments, n: int, start: int = 0):
+    """``n`` triage items of ``seed`` whose department is in ``departments``, in index order
+    from ``start`` (an item's department is drawn from its own stream, so filter)."""
+    from finetune.domains import SUITES
+
+    suite, items, index = SUITES["medical"], [], start
+    while len(items) < n:
+        item = suite.item(index, seed, "triage")
+        index += 1
+        if item.meta["department"] in departments:
+            items.append(item)
+    return items
+
+
+def make_data(out: Path, n_train: int, n_test: int, skew: float, seed: int, split: str) -> dict:
+    """Three members' JSONL and the union test set (loss rows).
+
+    split "department": medical triage, each member's referrals mostly (``skew``) its own
+    specialties (SPECIALTIES), the rest from the others'. split "family": the medical suite,
+    each member mostly one task family (weight dosing, BMI, eGFR)."""
     from finetune.domains import SUITES
 
     suite = SUITES["medical"]
-    families = suite.families
     rng = random.Random(seed)
     members = []
-    for i in range(3):
-        own = families[i % len(families)]
-        others = [f for f in families if f != own]
-        rows = []
-        for j in range(n_train):
-            family = own if rng.random() < skew else rng.choice(others)
-            item = suite.item(seed * 10_000 + i * 1000 + j, seed, family)
-            rows.append({"messages": item.sft_messages(), "task": item.to_dict()})
-        path = out / f"hospital-{'abc'[i]}.jsonl"
+    for i, name in enumerate(("hospital-a", "hospital-b", "hospital-c")):
+        if split == "department":
+            own = SPECIALTIES[name]
+            others = [d for spec in SPECIALTIES.values() for d in spec if d not in own]
+            pool_own = iter(_triage_items(seed * 10 + i, own, n_train))
+            pool_other = iter(_triage_items(seed * 10 + i + 5, others, n_train))
+            items = [next(pool_own if rng.random() < skew else pool_other) for _ in range(n_train)]
+            label = "+".join(own)
+        else:
+            families = suite.families
+            own_family = families[i % len(families)]
+            others = [f for f in families if f != own_family]
+            items = [
+                suite.item(
+                    seed * 10_000 + i * 1000 + j,
+                    seed,
+                    own_family if rng.random() < skew else rng.choice(others),
+                )
+                for j in range(n_train)
+            ]
+            label = own_family
+        rows = [{"messages": it.sft_messages(), "task": it.to_dict()} for it in items]
+        path = out / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        members.append({"name": f"hospital-{'abc'[i]}", "data": str(path), "family": own})
-    test = [
-        {"messages": it.sft_messages(), "task": it.to_dict()}
-        for it in suite.generate(n_test, seed=seed + 999)
-    ]
+        members.append({"name": name, "data": str(path), "family": label})
+    if split == "department":
+        test_items = _triage_items(seed + 999, [d for s in SPECIALTIES.values() for d in s], n_test)
+    else:
+        test_items = suite.generate(n_test, seed=seed + 999)
+    test = [{"messages": it.sft_messages(), "task": it.to_dict()} for it in test_items]
     test_path = out / "test.jsonl"
     test_path.write_text("".join(json.dumps(r) + "\n" for r in test))
     return {"members": members, "test": str(test_path)}
+
+
+def score_items(engine, items, adapter_dir, max_tokens: int, key) -> dict:
+    """Greedy completions of ``items`` scored by the suite's reward: accuracy overall and per
+    ``key(item)`` (the department, or the task family)."""
+    from finetune.domains import score
+    from inference.engine import Request
+    from inference.sampling import SamplingParams
+
+    requests = [
+        Request(
+            messages=[dict(m) for m in item.messages],
+            sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
+            adapter=str(adapter_dir) if adapter_dir is not None else None,
+        )
+        for item in items
+    ]
+    groups: dict[str, list[int]] = {}
+    for item, done in zip(items, engine.generate(requests), strict=True):
+        groups.setdefault(key(item), []).append(int(score(done.text, item).correct))
+    hits = sum(sum(g) for g in groups.values())
+    return {
+        "accuracy": round(hits / len(items), 4),
+        "scored": len(items),
+        "per_group": {k: round(sum(g) / len(g), 4) for k, g in sorted(groups.items())},
+    }
+
+
+def eval_items(split: str, n: int) -> list:
+    """The held-out items every arm is scored on (finetune.evaluate's seed, in turns)."""
+    from finetune.evaluate import EVAL_SEED, suite_items
+
+    if split == "family":
+        return suite_items("medical", n, EVAL_SEED)
+    departments = [d for spec in SPECIALTIES.values() for d in spec]
+    per = -(-n // len(departments))
+    by_dept = {d: _triage_items(EVAL_SEED, [d], per) for d in departments}
+    return [by_dept[d][i] for i in range(per) for d in departments][:n]
 
 
 def evaluate(model_path: str, adapter_files: dict, test_path: str, args, engine, name) -> dict:
@@ -97,7 +184,6 @@ def evaluate(model_path: str, adapter_files: dict, test_path: str, args, engine,
     accuracy by finetune.evaluate on held-out suite items (all families, in turn)."""
     from federated.client_app import NodeTrainer
     from finetune import lora
-    from finetune.evaluate import evaluate_suite
 
     _, tensors = lora.read_adapter_files(adapter_files)
     trainer = NodeTrainer({"data": test_path, "val-data": test_path})
@@ -112,19 +198,14 @@ def evaluate(model_path: str, adapter_files: dict, test_path: str, args, engine,
     adapter_dir.mkdir(parents=True, exist_ok=True)
     for file_name, blob in adapter_files.items():
         (adapter_dir / file_name).write_bytes(blob)
-    suite = evaluate_suite(
-        model_path, "medical", n=args.n_eval, adapter=adapter_dir, engine=engine,
-        max_tokens=args.max_new_tokens,
-    )  # fmt: skip
-    return {
-        "test_loss": m["val_loss"],
-        "accuracy": suite["accuracy"],
-        "scored": suite["n"],
-        "per_family": {f: v["accuracy"] for f, v in suite["per_family"].items()},
-    }
+    key = (
+        (lambda it: it.meta["department"]) if args.split == "department" else (lambda it: it.family)
+    )
+    scored = score_items(engine, args.items, adapter_dir, args.max_new_tokens, key)
+    return {"test_loss": m["val_loss"], **scored}
 
 
-def train_local(model_path: str, rows: list[dict], steps: int, args, initial=None):
+def train_local(model_path: str, rows: list[dict], steps: int, args, initial=None, batch_size=None):
     from finetune.sft import SFTConfig, train_sft
 
     config = SFTConfig(
@@ -133,7 +214,7 @@ def train_local(model_path: str, rows: list[dict], steps: int, args, initial=Non
         lora_alpha=2 * args.lora_r,
         learning_rate=args.lr,
         max_steps=steps,
-        batch_size=args.batch_size,
+        batch_size=batch_size or args.batch_size,
         max_seq_len=args.max_seq_len,
         seed=args.seed,
     )
@@ -143,18 +224,19 @@ def train_local(model_path: str, rows: list[dict], steps: int, args, initial=Non
     return result, time.perf_counter() - start
 
 
-def federate(model_path, data, aggregation, runtime, args) -> dict:
+def federate(model_path, data, aggregation, runtime, args, rounds: int | None = None) -> dict:
     from federated import FederationConfig, ParticipantSpec, run_federation
 
     config = FederationConfig(
         model_path=model_path,
-        num_rounds=args.rounds,
+        num_rounds=rounds or args.rounds,
         aggregation=aggregation,
         min_available=3,
         min_train=3,
         lora_r=args.lora_r,
         lora_alpha=2 * args.lora_r,
         learning_rate=args.lr,
+        lr_decay=args.lr_decay,
         local_steps=args.local_steps,
         batch_size=args.batch_size,
         max_seq_len=args.max_seq_len,
@@ -194,16 +276,34 @@ def main() -> int:
         default=str(REPO / "models" / "enclave-tiny"),
         help="base model directory (default: the shipped enclave-tiny); 'random' builds one",
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--split",
+        choices=("department", "family"),
+        default="department",
+        help="non-IID by triage specialty (default) or by medical task family",
+    )
+    parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--local-steps", type=int, default=4)
-    parser.add_argument("--n-train", type=int, default=32)
+    parser.add_argument(
+        "--deployment-rounds",
+        type=int,
+        default=4,
+        help="rounds of the deployment run (it measures overhead only)",
+    )
+    parser.add_argument("--n-train", type=int, default=128)
     parser.add_argument("--n-test", type=int, default=24)
     parser.add_argument("--skew", type=float, default=0.8)
-    parser.add_argument("--n-eval", type=int, default=100, help="suite items scored per arm")
+    parser.add_argument("--n-eval", type=int, default=140, help="suite items scored per arm")
     parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--lora-r", type=int, default=4)
+    parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--lr-decay",
+        choices=("rounds", "local"),
+        default="rounds",
+        help="the federation's learning-rate decay (FederationConfig.lr_decay)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-deployment", action="store_true")
@@ -224,13 +324,26 @@ def main() -> int:
         from inference.engine import Engine
 
         engine = Engine(model_path, max_batch_tokens=2048)
-        data = make_data(work, args.n_train, args.n_test, args.skew, args.seed)
+        data = make_data(work, args.n_train, args.n_test, args.skew, args.seed, args.split)
+        args.items = eval_items(args.split, args.n_eval)
         steps = args.rounds * args.local_steps
         rows = {m["name"]: [json.loads(x) for x in open(m["data"])] for m in data["members"]}
         report: dict = {
             "setup": {
                 k: getattr(args, k)
-                for k in ("smoke", "rounds", "local_steps", "n_train", "n_test", "skew", "lora_r")
+                for k in (
+                    "smoke",
+                    "split",
+                    "rounds",
+                    "local_steps",
+                    "n_train",
+                    "n_test",
+                    "skew",
+                    "lora_r",
+                    "lr",
+                    "lr_decay",
+                    "batch_size",
+                )
             }
             | {
                 "members": {m["name"]: m["family"] for m in data["members"]},
@@ -244,12 +357,12 @@ def main() -> int:
             "accuracy": {},
         }
         acc = report["accuracy"]
-        from finetune.evaluate import evaluate_suite
-
-        base = evaluate_suite(
-            model_path, "medical", n=args.n_eval, engine=engine, max_tokens=args.max_new_tokens
+        key = (
+            (lambda it: it.meta["department"])
+            if args.split == "department"
+            else (lambda it: it.family)
         )
-        report["base_model_accuracy"] = base["accuracy"]
+        report["base_model"] = score_items(engine, args.items, None, args.max_new_tokens, key)
         # Local-only and pure local training time (the overhead anchor).
         local_times = []
         for name, member_rows in rows.items():
@@ -258,9 +371,16 @@ def main() -> int:
             arm = f"local-only {name}"
             acc[arm] = evaluate(model_path, result.adapter_files, data["test"], args, engine, arm)
         pooled = [r for member_rows in rows.values() for r in member_rows]
-        result, _ = train_local(model_path, pooled, 3 * steps, args)
+        # The same examples as the federation, in the same number of sequential updates
+        # (a step sees the three members' batches at once) ...
+        result, _ = train_local(model_path, pooled, steps, args, batch_size=3 * args.batch_size)
         acc["centralised"] = evaluate(
             model_path, result.adapter_files, data["test"], args, engine, "centralised"
+        )
+        # ... and in three times the updates (one member's batch a step).
+        result, _ = train_local(model_path, pooled, 3 * steps, args)
+        acc["centralised 3x steps"] = evaluate(
+            model_path, result.adapter_files, data["test"], args, engine, "centralised 3x steps"
         )
         runs = {}
         for aggregation in ("fedavg", "ffa"):
@@ -270,7 +390,9 @@ def main() -> int:
                 model_path, runs[aggregation]["adapter_files"], data["test"], args, engine, arm
             )
         if not args.no_deployment:
-            runs["deployment"] = federate(model_path, data, "fedavg", "deployment", args)
+            runs["deployment"] = federate(
+                model_path, data, "fedavg", "deployment", args, args.deployment_rounds
+            )
 
         # The anchor: the same training with no framework, every member in turn (the
         # simulation runs one Ray actor; deployment nodes share this machine's CPUs).

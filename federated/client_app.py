@@ -269,6 +269,7 @@ class NodeTrainer:
             lora_alpha=int(config["lora-alpha"]),
             targets=tuple(config["targets"]),
             learning_rate=float(config["learning-rate"]),
+            lr_schedule=str(config.get("lr-schedule", "cosine")),
             max_steps=int(config["local-steps"]),
             batch_size=int(config["batch-size"]),
             max_seq_len=int(config["max-seq-len"]),

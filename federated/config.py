@@ -16,6 +16,7 @@ from typing import Any
 from federated.privacy import DPConfig  # the one definition: clip, noise, delta, budget
 
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "ffa", "svd")
+LR_DECAYS = ("rounds", "local")
 ROBUST = ("none", "trimmed_mean", "krum")
 TARGET_SETS = ("mla", "mlp", "experts", "router")
 
@@ -45,6 +46,10 @@ class FederationConfig:
     lora_alpha: int = 8
     targets: tuple[str, ...] = ("mla", "mlp")
     learning_rate: float = 2e-3
+    # "rounds": each round's local steps run at one rate, decayed by a cosine across the
+    # run's rounds (as a centralised run decays it across its steps); "local": every round
+    # restarts a cosine from learning_rate to 0 over its own local steps.
+    lr_decay: str = "rounds"
     local_steps: int = 5
     batch_size: int = 4
     max_seq_len: int = 256
@@ -84,6 +89,8 @@ class FederationConfig:
         for name in ("num_rounds", "lora_r", "lora_alpha", "local_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FederationConfig.{name} must be >= 1")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}: {self.lr_decay!r}")
         if self.min_train < 1 or self.min_available < self.min_train:
             raise ValueError("need 1 <= min_train <= min_available")
         if not set(self.targets) <= set(TARGET_SETS) or not self.targets:

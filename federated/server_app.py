@@ -482,7 +482,8 @@ class Federation:
                 "lora-r": cfg.lora_r,
                 "lora-alpha": cfg.lora_alpha,
                 "targets": list(cfg.targets),
-                "learning-rate": cfg.learning_rate,
+                "learning-rate": round_learning_rate(cfg, rnd),
+                "lr-schedule": "constant" if cfg.lr_decay == "rounds" else "cosine",
                 "local-steps": cfg.local_steps,
                 "batch-size": cfg.batch_size,
                 "max-seq-len": cfg.max_seq_len,
@@ -500,6 +501,17 @@ class Federation:
         for name, blob in adapter_files_from(self.tensors, self.adapter_config).items():
             (path / name).write_bytes(blob)
         return path
+
+
+def round_learning_rate(config: FederationConfig, rnd: int) -> float:
+    """The members' local learning rate in round ``rnd`` (1-based): with ``lr_decay``
+    "rounds", ``learning_rate`` decayed by a cosine over the run's rounds (the first round
+    at the full rate, none at zero); with "local", always ``learning_rate`` (each member's
+    own cosine then runs within its local steps)."""
+    if config.lr_decay != "rounds":
+        return config.learning_rate
+    progress = (rnd - 1) / config.num_rounds
+    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _threshold(n_members: int) -> int:

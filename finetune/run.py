@@ -46,11 +46,17 @@ def prepare_base(model, precision: str, fp8_cache_mb: float, device: torch.devic
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
     """Linear warmup over ``warmup`` steps, then cosine from 1 to 0 at ``total`` (the shape of
-    transformers' get_cosine_schedule_with_warmup, with step 0 already above zero)."""
+    transformers' get_cosine_schedule_with_warmup, with step 0 already above zero), or 1
+    throughout for ``schedule="constant"``."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 

@@ -66,6 +66,7 @@ _RESUME_KEYS = (
     "max_steps",
     "warmup_steps",
     "learning_rate",
+    "lr_schedule",
 )
 
 
@@ -81,6 +82,9 @@ class SFTConfig:
     learning_rate: float = 2e-4  # peak AdamW learning rate (after warmup)
     weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA weights
     warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to learning_rate
+    # After warmup: "cosine" decays to 0 at the last step; "constant" holds learning_rate (a
+    # federated member's few local steps: the federation decays the rate across rounds).
+    lr_schedule: str = "cosine"
     max_steps: int | None = None  # optimizer steps to run; None: `epochs` passes over the data
     epochs: int = 1  # passes over the training rows when max_steps is None
     batch_size: int = 4  # rows per micro-batch
@@ -135,6 +139,10 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.max_steps must be >= 1 or None, got {self.max_steps}")
         if self.log_every < 1:
             raise ValueError(f"SFTConfig.log_every must be >= 1, got {self.log_every}")
+        if self.lr_schedule not in run.LR_SCHEDULES:
+            raise ValueError(
+                f"SFTConfig.lr_schedule must be one of {run.LR_SCHEDULES}: {self.lr_schedule!r}"
+            )
         if self.precision not in run.PRECISIONS:
             raise ValueError(
                 f"SFTConfig.precision must be one of {run.PRECISIONS}: {self.precision!r}"
@@ -264,7 +272,8 @@ def train_sft(
         params, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=False
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: run.lr_factor(step, config.warmup_steps, total_steps)
+        optimizer,
+        lambda step: run.lr_factor(step, config.warmup_steps, total_steps, config.lr_schedule),
     )
     progress = _Progress()
     if state is not None:

@@ -168,3 +168,33 @@ def test_the_warm_trainer_loads_the_base_model_once(fed_model_dir, member_files,
         trainer.evaluate(out, config | {"eval-generations": 0})
     assert loads == [fed_model_dir], loads
     assert json.dumps(sorted(trainer._bases)) == json.dumps([fed_model_dir])
+
+
+def test_the_federation_decays_the_rate_across_rounds_not_within_each(fed_model_dir, member_files):
+    from federated.server_app import round_learning_rate
+
+    config = _config(fed_model_dir)
+    config.num_rounds, config.learning_rate = 4, 1e-2
+    rates = [round_learning_rate(config, r) for r in range(1, 5)]
+    assert rates[0] == 1e-2 and all(a > b > 0 for a, b in zip(rates, rates[1:], strict=False))
+    config.lr_decay = "local"  # the old way: every round restarts its own cosine
+    assert [round_learning_rate(config, r) for r in (1, 4)] == [1e-2, 1e-2]
+    config.lr_decay = "linear"
+    with pytest.raises(ValueError, match="lr_decay must be one of"):
+        config.validate()
+
+    # A member holds the round's rate over its local steps under "constant": a larger step
+    # away from the global adapter than the within-round cosine gives.
+    member = member_files[0]
+    trainer = NodeTrainer({"participant": member["name"], "data": member["data"]})
+    tensors, adapter_config = _nonzero_global(fed_model_dir)
+
+    def distance(schedule: str) -> float:
+        out, _ = trainer.train(
+            {k: v.clone() for k, v in tensors.items()},
+            _train_config(fed_model_dir, adapter_config, aggregation="fedavg")
+            | {"lr-schedule": schedule},
+        )
+        return sum(float((out[k] - tensors[k]).pow(2).sum()) for k in tensors) ** 0.5
+
+    assert distance("constant") > 1.05 * distance("cosine")

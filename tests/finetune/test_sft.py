@@ -665,3 +665,23 @@ def test_packed_examples_train_as_if_each_were_alone(model_dir):
     ids, labels, mask, _ = batch(packed)
     crossed = labelled_loss(peft_model, ids, labels, mask)[0].item()
     assert abs(crossed - together[0]) > 1e-3 * abs(together[0])
+
+
+def test_a_constant_schedule_holds_the_rate_after_warmup(model_dir):
+    rates = []
+
+    class Rates:
+        def on_metrics(self, metrics):
+            rates.append(metrics["lr"])
+
+        def on_checkpoint(self, step, state):
+            pass
+
+        def should_stop(self):
+            return None
+
+    config = _config(model_dir, lr_schedule="constant", max_steps=5, warmup_steps=2)
+    train_sft(config, train_examples=_examples(6), callbacks=Rates())
+    assert rates[:2] == pytest.approx([1e-3, 2e-3]) and rates[2:] == [3e-3] * 3
+    with pytest.raises(ValueError, match="SFTConfig.lr_schedule"):
+        _config(model_dir, lr_schedule="linear").validate()
