@@ -282,8 +282,8 @@ def main() -> int:
         default="department",
         help="non-IID by triage specialty (default) or by medical task family",
     )
-    parser.add_argument("--rounds", type=int, default=24)
-    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=48)
+    parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument(
         "--deployment-rounds",
         type=int,
@@ -293,7 +293,7 @@ def main() -> int:
     parser.add_argument("--n-train", type=int, default=128)
     parser.add_argument("--n-test", type=int, default=24)
     parser.add_argument("--skew", type=float, default=0.8)
-    parser.add_argument("--n-eval", type=int, default=140, help="suite items scored per arm")
+    parser.add_argument("--n-eval", type=int, default=280, help="suite items scored per arm")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
