@@ -19,6 +19,8 @@ Arms, all with the same compute (``rounds * local_steps`` optimizer steps per me
   local-only   each member trains alone on its own data
   fedavg       federated, Flower simulation runtime, FedAvg weighted by examples
   ffa          federated, FFA-LoRA (A frozen at the shared init, B averaged: exact)
+  svd          federated, dW = B A averaged and re-factored to rank r by SVD (exact up to
+               the rank)
   centralised  one trainer on the pooled data (what federation avoids): the same examples
                in the same number of updates (a step takes the three members' batches)
   centralised 3x steps   the pooled data in three times the updates, one batch a step
@@ -383,7 +385,7 @@ def main() -> int:
             model_path, result.adapter_files, data["test"], args, engine, "centralised 3x steps"
         )
         runs = {}
-        for aggregation in ("fedavg", "ffa"):
+        for aggregation in ("fedavg", "ffa", "svd"):
             runs[aggregation] = federate(model_path, data, aggregation, "simulation", args)
             arm = f"federated {aggregation}"
             acc[arm] = evaluate(
