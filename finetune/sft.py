@@ -508,21 +508,13 @@ def labelled_loss(
     at = torch.zeros_like(labels, dtype=torch.bool)
     at[:, :-1] = targets_mask
     segments = row_segments(attention_mask, position_ids)
-    if segments is not None:
-        # A label on padding never happens; nor the last token of a sequence predicting the
-        # next sequence's first (bos carries no label). Guard anyway: those are not scored.
-        ends = torch.zeros_like(at)
-        for b, row in enumerate(segments):
-            ends[b, torch.tensor(row).cumsum(0) - 1] = True
-        at &= attention_mask.bool() & ~ends
-        logits = model(ids, logits_at=at, segments=segments).float()
-        targets = labels[:, 1:][at[:, :-1]]
-    else:
-        logits = model(ids, logits_at=at).float()
-        targets = labels[:, 1:][targets_mask]
+    # A sequence's last token never has a labelled target (the next one starts with bos,
+    # unlabelled; padding is unlabelled), so the segments change no scored position.
+    logits = model(ids, logits_at=at, segments=segments).float()
+    targets = labels[:, 1:][targets_mask]
     loss = F.cross_entropy(logits, targets, reduction="sum")
     hits = (logits.argmax(-1) == targets).sum()
-    return loss, hits, int(targets.numel())
+    return loss, hits, int(targets_mask.sum())
 
 
 def row_segments(

@@ -105,6 +105,20 @@ def _assert_same_adapter(a: SFTResult, b: SFTResult) -> None:
         assert torch.allclose(ta[name], tb[name], rtol=0, atol=1e-6), name
 
 
+def _adapted(model_dir: str):
+    """(model, peft_model): the FP8 model with a rank-4 adapter whose B is away from zero,
+    so the adapter's own path carries gradient too."""
+    from finetune import lora
+
+    model = inference.load_model(model_dir)
+    peft_model = lora.apply_lora(model, ("mla", "mlp"), 4, 8)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model, peft_model
+
+
 def _config(model_dir: str, **overrides) -> SFTConfig:
     base = dict(
         model_path=model_dir,
@@ -513,15 +527,9 @@ def test_the_loss_on_labelled_positions_only_equals_the_full_logits_loss_and_its
 ):
     # labelled_loss runs the vocabulary projection on the labelled rows alone (logits_at);
     # it must give token_loss's loss, hits and count, and the same adapter gradients.
-    from finetune import lora
     from finetune.sft import labelled_loss, token_loss
 
-    model = inference.load_model(model_dir)
-    peft_model = lora.apply_lora(model, ("mla", "mlp"), 4, 8)
-    with torch.no_grad():  # nonzero B, so the adapter's own path carries gradient too
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    model, peft_model = _adapted(model_dir)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 512, (3, 24), generator=g)
     labels = ids.clone()
@@ -577,15 +585,9 @@ def test_right_padding_is_skipped_with_the_padded_batchs_loss_and_gradients(mode
     # With an attention mask of right padding, labelled_loss runs the rows' real tokens end
     # to end (Transformer.forward(segments=...)): the same loss, hits and adapter gradients
     # as the padded batch, within float32 summation order.
-    from finetune import lora
     from finetune.sft import labelled_loss
 
-    model = inference.load_model(model_dir)
-    peft_model = lora.apply_lora(model, ("mla", "mlp"), 4, 8)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    model, peft_model = _adapted(model_dir)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 512, (3, 20), generator=g)
     lengths = torch.tensor([20, 13, 7])
@@ -625,15 +627,10 @@ def test_right_padding_is_skipped_with_the_padded_batchs_loss_and_gradients(mode
 def test_packed_examples_train_as_if_each_were_alone(model_dir):
     # A packed row (positions restarting at each example) runs its examples as separate
     # sequences: its loss and gradients are those of the examples in rows of their own.
-    from finetune import data, lora
+    from finetune import data
     from finetune.sft import labelled_loss, row_segments
 
-    model = inference.load_model(model_dir)
-    peft_model = lora.apply_lora(model, ("mla", "mlp"), 4, 8)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    _, peft_model = _adapted(model_dir)
     g = torch.Generator().manual_seed(2)
     encoded = []
     for n in (9, 14, 6):
