@@ -362,7 +362,8 @@ def base_view(peft_model: PeftModel, *, wide: bool = False) -> nn.Module:
     ``wide``: FP8 linears become full-width ``nn.Linear`` copies of their dequantised weights
     (in the model's compute dtype). Costs the base model at full width in memory, and saves
     dequantising every weight at every decode step, which on CPU is most of a small batch's
-    step; the values are the ones the training model's exact FP8 kernels multiply with.
+    step; the values are the exact dequantised weights (training multiplies them in its
+    ``precision``, ``prepare_fp8_for_training``).
     """
     return _strip_tuner_layers(peft_model.get_base_model(), wide)
 
@@ -404,10 +405,10 @@ def prepare_fp8_for_training(
     times block scale) and multiplied by PyTorch in ``matmul_dtype`` (None: the layer's
     compute dtype; ``torch.bfloat16`` halves the cost where the CPU has bf16 dot products,
     ``inference.fp8.bf16_matmul_is_fast``). The LoRA weights and everything outside the
-    frozen linears keep their own dtype. Up to ``cache_mb`` MiB of the dequantised weights are kept (in
-    module order), so those layers decode their bytes once per run rather than in every
-    forward and backward pass; the rest decode per use. Gradients flow to the inputs only:
-    the weights stay frozen.
+    frozen linears keep their own dtype. Up to ``cache_mb`` MiB of the dequantised weights
+    are kept (in module order), so those layers decode their bytes once per run rather than
+    in every forward and backward pass; the rest decode per use. Gradients flow to the
+    inputs only: the weights stay frozen.
     """
     budget = cache_mb * 2**20
     count = 0
