@@ -169,6 +169,13 @@ def score_items(engine, items, adapter_dir, max_tokens: int, key) -> dict:
     }
 
 
+def group_of(split: str):
+    """What an item's accuracy is broken down by: its specialty, or its task family."""
+    if split == "department":
+        return lambda item: item.meta["department"]
+    return lambda item: item.family
+
+
 def eval_items(split: str, n: int) -> list:
     """The held-out items every arm is scored on (finetune.evaluate's seed, in turns)."""
     from finetune.evaluate import EVAL_SEED, suite_items
@@ -183,7 +190,7 @@ def eval_items(split: str, n: int) -> list:
 
 def evaluate(model_path: str, adapter_files: dict, test_path: str, args, engine, name) -> dict:
     """Union-test-set metrics of an adapter: loss by the ClientApp's own evaluation code,
-    accuracy by finetune.evaluate on held-out suite items (all families, in turn)."""
+    accuracy on the held-out items every arm is scored on (``eval_items``, ``score_items``)."""
     from federated.client_app import NodeTrainer
     from finetune import lora
 
@@ -200,10 +207,7 @@ def evaluate(model_path: str, adapter_files: dict, test_path: str, args, engine,
     adapter_dir.mkdir(parents=True, exist_ok=True)
     for file_name, blob in adapter_files.items():
         (adapter_dir / file_name).write_bytes(blob)
-    key = (
-        (lambda it: it.meta["department"]) if args.split == "department" else (lambda it: it.family)
-    )
-    scored = score_items(engine, args.items, adapter_dir, args.max_new_tokens, key)
+    scored = score_items(engine, args.items, adapter_dir, args.max_new_tokens, group_of(args.split))
     return {"test_loss": m["val_loss"], **scored}
 
 
@@ -359,12 +363,9 @@ def main() -> int:
             "accuracy": {},
         }
         acc = report["accuracy"]
-        key = (
-            (lambda it: it.meta["department"])
-            if args.split == "department"
-            else (lambda it: it.family)
+        report["base_model"] = score_items(
+            engine, args.items, None, args.max_new_tokens, group_of(args.split)
         )
-        report["base_model"] = score_items(engine, args.items, None, args.max_new_tokens, key)
         # Local-only and pure local training time (the overhead anchor).
         local_times = []
         for name, member_rows in rows.items():
