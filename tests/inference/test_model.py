@@ -68,3 +68,20 @@ def test_inference_never_imports_django():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_moe_inference_path_equals_the_autograd_path():
+    """MoE has two dispatches: the autograd one (one gather, split/cat) and the no-grad one
+    (expert by expert, in place). Same function, shared experts or not, some experts idle."""
+    base = ModelConfig.from_json("models/configs/tiny.json").replace(num_hidden_layers=2)
+    for shared in (base.n_shared_experts, 0):
+        torch.manual_seed(3)
+        moe = Transformer(base.replace(n_shared_experts=shared)).model.layers[-1].mlp
+        x = torch.randn(2, 1, base.hidden_size)  # 2 tokens: some experts get none
+        with torch.no_grad():
+            _, indices = moe.gate(x.view(-1, base.hidden_size))
+            fast = moe(x)
+        assert len(indices.unique()) < base.n_routed_experts
+        slow = moe(x)
+        assert slow.requires_grad and not fast.requires_grad
+        torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
