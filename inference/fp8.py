@@ -339,13 +339,35 @@ class _DenseLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(q, scale, dense)
         ctx.dtype = dtype
         w = dense if dense is not None else _dequantize_fast(q, scale, dtype)
-        return F.linear(x.to(dtype), w).to(x.dtype)
+        return _rows_in_buckets(F.linear, x, w, dtype)
 
     @staticmethod
     def backward(ctx, grad):
         q, scale, dense = ctx.saved_tensors
         w = dense if dense is not None else _dequantize_fast(q, scale, ctx.dtype)
-        return (grad.to(ctx.dtype) @ w).to(grad.dtype), None, None, None, None
+        return _rows_in_buckets(torch.mm, grad, w, ctx.dtype), None, None, None, None
+
+
+def _row_bucket(rows: int) -> int:
+    """``rows`` rounded up to a multiple of 16 or, from 256 rows, to one of eight sizes per
+    power of two: under 16 or 12.5% more rows, 40 sizes up to 2,048."""
+    step = max(16, 1 << max(rows.bit_length() - 4, 0))
+    return -(-rows // step) * step
+
+
+def _rows_in_buckets(op, a: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``op(a.to(dtype), w).to(a.dtype)`` for 2-D ``a``. On the CPU in a reduced precision,
+    ``a``'s rows are zero-padded to ``_row_bucket`` first: oneDNN builds (JIT-compiles) a
+    kernel for every new bf16 GEMM shape, 1-3 ms each, and training meets a new row count in
+    almost every product (padding-free batches, expert loads), which made bf16 steps slower
+    than float32 ones on an AMX CPU. Padding bounds the shapes to a few dozen per weight."""
+    rows = a.shape[0]
+    padded = _row_bucket(rows)
+    if a.device.type != "cpu" or dtype == torch.float32 or padded == rows:
+        return op(a.to(dtype), w).to(a.dtype)
+    buf = a.new_zeros((padded, a.shape[1]), dtype=dtype)
+    buf[:rows] = a
+    return op(buf, w)[:rows].to(a.dtype)
 
 
 def fp8_linear(

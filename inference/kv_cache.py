@@ -127,7 +127,7 @@ class PagedLatentCache:
         self.refcount[block] = 1
         return block
 
-    def _prefix_hashes(self, tokens: Sequence[int], adapter_key: object, n_blocks: int):
+    def prefix_hashes(self, tokens: Sequence[int], adapter_key: object, n_blocks: int):
         h = hash(("enclave-latent", adapter_key))
         bs = self.block_size
         for i in range(n_blocks):
@@ -149,7 +149,7 @@ class PagedLatentCache:
         # The block holding the last token is never taken from the cache (it is recomputed).
         max_hits = (len(tokens) - 1) // self.block_size
         hits: list[int] = []
-        for h in self._prefix_hashes(tokens, adapter_key, max_hits):
+        for h in self.prefix_hashes(tokens, adapter_key, max_hits):
             block = self._block_of.get(h)
             if block is None:
                 break
@@ -203,7 +203,7 @@ class PagedLatentCache:
         n_full = n_computed // self.block_size
         if n_full <= n_registered:
             return n_registered
-        for i, h in enumerate(self._prefix_hashes(tokens, adapter_key, n_full)):
+        for i, h in enumerate(self.prefix_hashes(tokens, adapter_key, n_full)):
             if i < n_registered:
                 continue
             b = block_table[i]

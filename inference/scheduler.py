@@ -12,7 +12,11 @@ Every step has a token budget (``max_batch_tokens``). It is spent in this order:
    in Sarathi-Serve, Agrawal et al., 2024, arXiv:2403.02310): a long prompt advances by at
    most the budget left per step, so decoding sequences keep their pace.
 3. Waiting sequences are admitted first come, first served while there is budget, free
-   blocks for their whole prompt (prefix-cache hits are free) and an adapter slot.
+   blocks for their whole prompt (prefix-cache hits are free) and an adapter slot. One
+   exception: a sequence whose every full prompt block is being computed right now by
+   another sequence's prefill (the same prompt sampled n times, as GRPO's groups are)
+   waits for that prefill to publish its blocks, and then takes them from the prefix
+   cache instead of computing the same prompt again in the same step.
 
 The scheduler owns the bookkeeping of ``PagedLatentCache`` and of adapter pins; it runs
 on the engine's one scheduler thread, so it takes no locks.
@@ -145,8 +149,16 @@ class Scheduler:
                 plan.chunks.append((seq, n))
                 budget -= n
         # 3. admissions
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        in_flight = set()  # prefix hashes of the full blocks prefills are computing now
+        for seq in self.running:
+            if seq.num_computed < seq.num_tokens - 1:
+                in_flight.update(self._full_block_hashes(seq))
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            hashes = self._full_block_hashes(seq)
+            if hashes and hashes[-1] in in_flight:
+                continue  # its whole cacheable prompt is being computed: take it next step
             if seq.adapter_path is not None and seq.adapter is None:
                 seq.adapter = self.adapters.acquire(seq.adapter_path)
                 if seq.adapter is None:
@@ -159,7 +171,7 @@ class Scheduler:
                     not self.running
                     and self.cache.blocks_for(seq.num_tokens) > self.cache.num_blocks
                 ):
-                    self.waiting.popleft()
+                    self.waiting.remove(seq)
                     plan.out_of_memory.append(seq)
                     if seq.adapter is not None:
                         self.adapters.release(seq.adapter)
@@ -169,7 +181,8 @@ class Scheduler:
                     self.adapters.release(seq.adapter)
                     seq.adapter = None
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            in_flight.update(hashes)
             seq.block_table, seq.num_computed = got
             seq.n_registered = seq.num_computed // self.cache.block_size
             self.running.append(seq)
@@ -177,6 +190,11 @@ class Scheduler:
             plan.chunks.append((seq, n))
             budget -= n
         return plan
+
+    def _full_block_hashes(self, seq: Sequence) -> list[int]:
+        """The prefix-cache names of the blocks ``seq``'s prefill would publish or reuse."""
+        n = (seq.num_tokens - 1) // self.cache.block_size
+        return list(self.cache.prefix_hashes(seq.tokens, seq.adapter_key, n))
 
     def advance(self, seq: Sequence, n: int) -> None:
         """Record that ``n`` more tokens of ``seq`` are in the cache; publish full blocks."""

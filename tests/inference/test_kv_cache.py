@@ -67,6 +67,27 @@ def test_identical_prompt_prefixes_share_blocks_and_skip_compute(model_dir):
         assert all(r == 0 for r in eng.cache.refcount)
 
 
+def test_one_prompt_sampled_n_times_in_one_batch_is_computed_once(model_dir):
+    """Requests arriving together with the same prompt (GRPO's groups, n samples): the first
+    one's prefill publishes the full blocks, the others wait one step and take them, so the
+    prompt's full blocks are computed once, not n times, and the results are unchanged."""
+    prompt = list(range(3, 3 + 40))  # 2 full blocks of 16, then 8 tokens
+    other = list(range(100, 140))  # a different prompt in the same batch is not held back
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    with Engine(model_dir, max_batch_tokens=512, kv_cache_bytes=1 << 20) as eng:
+        out = eng.generate(
+            [Request(prompt_token_ids=p, sampling=sp) for p in [prompt] * 4 + [other]]
+        )
+        # Three of the four copies took both full blocks from the cache; `other` shares none.
+        assert eng.cache.prefix_hit_tokens == 3 * 32
+        assert [c.token_ids for c in out[:4]] == [greedy_reference(eng.model, prompt, 3)] * 4
+        assert out[4].token_ids == greedy_reference(eng.model, other, 3)
+        # A prompt shorter than one full block has nothing to share: no one waits.
+        steps = eng.steps
+        eng.generate([Request(prompt_token_ids=[5, 6, 7], sampling=sp) for _ in range(3)])
+        assert eng.steps - steps == 3  # prefill + 2 decode steps, all three together
+
+
 def test_out_of_blocks_preempts_and_recomputes_never_fails(model_dir):
     # 6 blocks of 16 tokens: three 20-token prompts fit, but not their growth to 60 tokens.
     probe = Engine(model_dir, kv_cache_bytes=1 << 20)

@@ -25,6 +25,18 @@ def test_greedy_top_k_1_and_tiny_top_p_pick_the_argmax():
     assert len(set(draw(logits, temperature=5.0))) == 4
 
 
+def test_samples_follow_the_distribution_and_never_a_masked_token():
+    """Inverse-transform sampling draws each token at its softmax probability (4,000 draws:
+    within 0.03) and never one that top-k or top-p removed, the first or the last included."""
+    logits = torch.tensor([-9.0, 0.0, 1.0, 2.0, -9.0]).log_softmax(-1)
+    probs = logits[1:4].softmax(-1)  # top_k=3 keeps tokens 1..3
+    drawn = torch.tensor(draw(logits, n=4000, temperature=1.0, top_k=3))
+    assert set(drawn.tolist()) == {1, 2, 3}
+    freq = torch.bincount(drawn, minlength=5)[1:4].double() / len(drawn)
+    assert torch.allclose(freq, probs.double(), atol=0.03), (freq, probs)
+    assert set(draw(torch.tensor([5.0, 0.0, 0.0]), n=300, temperature=1.0, top_p=0.5)) == {0}
+
+
 def test_same_seed_same_tokens_different_seed_different_tokens():
     logits = torch.zeros(50)
     p = SamplingParams(temperature=1.0, seed=7)
