@@ -365,8 +365,9 @@ def _rows_in_buckets(op, a: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -
     padded = _row_bucket(rows)
     if a.device.type != "cpu" or dtype == torch.float32 or padded == rows:
         return op(a.to(dtype), w).to(a.dtype)
-    buf = a.new_zeros((padded, a.shape[1]), dtype=dtype)
+    buf = a.new_empty((padded, a.shape[1]), dtype=dtype)
     buf[:rows] = a
+    buf[rows:] = 0
     return op(buf, w)[:rows].to(a.dtype)
 
 
