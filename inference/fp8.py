@@ -329,6 +329,11 @@ class _FP8LinearFunction(torch.autograd.Function):
         return grad @ _dequantize_fast(q, scale, grad.dtype), None, None, None
 
 
+def dense_weight(q, scale, dense, dtype) -> torch.Tensor:
+    """A training layer's weight in ``dtype``: the kept copy, or decoded from the bytes."""
+    return dense if dense is not None else _dequantize_fast(q, scale, dtype)
+
+
 class _DenseLinearFunction(torch.autograd.Function):
     """The training product of a frozen FP8 layer: x @ W.T with W dequantised exactly and
     multiplied in ``dtype``, through ``dense`` (the kept copy) when there is one, else
@@ -338,14 +343,13 @@ class _DenseLinearFunction(torch.autograd.Function):
     def forward(ctx, x, q, scale, dense, dtype):
         ctx.save_for_backward(q, scale, dense)
         ctx.dtype = dtype
-        w = dense if dense is not None else _dequantize_fast(q, scale, dtype)
-        return _rows_in_buckets(F.linear, x, w, dtype)
+        return bucketed_product(F.linear, x, dense_weight(q, scale, dense, dtype), dtype)
 
     @staticmethod
     def backward(ctx, grad):
         q, scale, dense = ctx.saved_tensors
-        w = dense if dense is not None else _dequantize_fast(q, scale, ctx.dtype)
-        return _rows_in_buckets(torch.mm, grad, w, ctx.dtype), None, None, None, None
+        w = dense_weight(q, scale, dense, ctx.dtype)
+        return bucketed_product(torch.mm, grad, w, ctx.dtype), None, None, None, None
 
 
 def _row_bucket(rows: int) -> int:
@@ -355,7 +359,7 @@ def _row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _rows_in_buckets(op, a: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def bucketed_product(op, a: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``op(a.to(dtype), w).to(a.dtype)`` for 2-D ``a``. On the CPU in a reduced precision,
     ``a``'s rows are zero-padded to ``_row_bucket`` first: oneDNN builds (JIT-compiles) a
     kernel for every new bf16 GEMM shape, 1-3 ms each, and training meets a new row count in

@@ -388,3 +388,32 @@ def test_bf16_base_matmuls_stay_close_to_fp32_and_keep_adapters_fp32(checkpoints
     assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)
     lora.prepare_fp8_for_training(peft_model, torch.bfloat16, cache_mb=0)  # decode per use
     assert torch.equal(_loss_and_grads(peft_model)[0], bf_loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_fp8_lora_layers_compute_what_peft_computes(checkpoints, dtype):
+    """Every adapted FP8 layer runs as one fused node (FP8LoraLinear); loss and gradients
+    equal peft's own five-node forward, with the kept weights and decoding per use, and
+    with the adapter disabled both give the base model."""
+    peft_model = lora.apply_lora(inference.load_model(checkpoints[1]), ("mla", "mlp"), r=4)
+    _perturb_lora(peft_model)
+    fused = [m for m in peft_model.modules() if isinstance(m, lora.FP8LoraLinear)]
+    assert fused and all(isinstance(m.base_layer, FP8Linear) for m in fused)
+    for cache_mb in (64, 0):
+        lora.prepare_fp8_for_training(peft_model, dtype, cache_mb=cache_mb)
+        loss, grads = _loss_and_grads(peft_model)
+        for m in fused:
+            m.__class__ = lora.PeftLoraLinear
+        ref_loss, ref_grads = _loss_and_grads(peft_model)
+        for m in fused:
+            m.__class__ = lora.FP8LoraLinear
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+        for a, b in zip(grads, ref_grads, strict=True):
+            assert ((a - b).norm() / b.norm()).item() < 1e-5
+    ids = _ids()
+    with torch.no_grad(), peft_model.disable_adapter():
+        off = peft_model(ids)
+    base = inference.load_model(checkpoints[1])
+    lora.prepare_fp8_for_training(base, dtype, cache_mb=64)
+    with torch.no_grad():
+        assert torch.equal(off, base(ids))

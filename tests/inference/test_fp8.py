@@ -159,7 +159,7 @@ def test_bf16_kernel_is_a_candidate_only_where_bf16_dot_products_are_native(fast
 def test_bf16_training_products_pad_rows_to_few_shapes_and_change_nothing():
     """Training's bf16 products pad the rows to a bucket (oneDNN compiles a kernel per new
     shape): under 16 or 12.5% more rows, few buckets, and the real rows' values as unpadded."""
-    from inference.fp8 import _row_bucket, _rows_in_buckets
+    from inference.fp8 import _row_bucket, bucketed_product
 
     buckets = {_row_bucket(m) for m in range(1, 2049)}
     assert len(buckets) <= 70
@@ -167,10 +167,10 @@ def test_bf16_training_products_pad_rows_to_few_shapes_and_change_nothing():
     w = torch.randn(96, 64).bfloat16()
     for rows in (1, 17, 300):
         x = torch.randn(rows, 64)
-        y = _rows_in_buckets(F.linear, x, w, torch.bfloat16)
+        y = bucketed_product(F.linear, x, w, torch.bfloat16)
         assert y.shape == (rows, 96) and y.dtype == torch.float32
         torch.testing.assert_close(y, F.linear(x.bfloat16(), w).float(), rtol=1e-2, atol=1e-2)
-        g = _rows_in_buckets(torch.mm, torch.randn(rows, 96), w, torch.bfloat16)
+        g = bucketed_product(torch.mm, torch.randn(rows, 96), w, torch.bfloat16)
         assert g.shape == (rows, 64)
 
 
