@@ -298,7 +298,9 @@ class LoRABatch:
     """Which adapter each row of a step uses, and the per-module delta math.
 
     ``row_adapters``: one entry per row, an adapter or None. Rows with the same adapter
-    need not be contiguous; each adapter's rows are gathered once per step.
+    need not be contiguous; each adapter's rows are gathered once per step. When every row
+    uses the same adapter (one tenant's traffic, a GRPO step's groups), nothing is gathered:
+    the deltas are added to whole tensors in place.
     """
 
     def __init__(self, row_adapters: list[LoRAAdapter | None], device):
@@ -314,6 +316,7 @@ class LoRABatch:
                 self.adapters.append(a)
             slots.append(slot_of[a.key])
         self.row_slot = torch.tensor(slots, dtype=torch.int64, device=device)
+        self.whole = len(self.adapters) == 1 and -1 not in slots
         self.rows = [
             (a, (self.row_slot == i).nonzero().squeeze(1)) for i, a in enumerate(self.adapters)
         ]
@@ -322,6 +325,9 @@ class LoRABatch:
         return bool(self.adapters)
 
     def _segments(self, rows: torch.Tensor | None):
+        """(adapter, its rows' indices, or None for every row) for each adapter present."""
+        if self.whole:
+            return [(self.adapters[0], None)]
         if rows is None:
             return self.rows
         slots = self.row_slot[rows]
@@ -337,10 +343,13 @@ class LoRABatch:
         """
         for adapter, idx in self._segments(rows):
             w = adapter.weights.get(name)
-            if w is None or idx.numel() == 0:
+            if w is None:
                 continue
             a, b, s = w
-            y.index_add_(0, idx, (x[idx] @ a.T) @ b.T, alpha=s)
+            if idx is None:
+                y.addmm_(x @ a.T, b.T, alpha=s)
+            elif idx.numel():
+                y.index_add_(0, idx, (x[idx] @ a.T) @ b.T, alpha=s)
         return y
 
     def add_one(self, name: str, adapter: LoRAAdapter | None, x: torch.Tensor, y: torch.Tensor):
@@ -377,13 +386,16 @@ class LoRABatch:
         """q_lat [n, H, R] += s * (q_nope [n, H, dn] . B_UK) @ A for adapter rows."""
         for adapter, idx in self._segments(rows):
             w = adapter.weights.get(name)
-            if w is None or idx.numel() == 0:
+            if w is None or (idx is not None and idx.numel() == 0):
                 continue
             a, b, s = w
             h = q_lat.shape[1]
             b_uk = b.view(h, -1, b.shape[-1])[:, :dn]  # [H, dn, r]
-            t = torch.einsum("nhd,hdk->nhk", q_nope[idx], b_uk)
-            q_lat.index_add_(0, idx, t @ a, alpha=s)
+            if idx is None:
+                q_lat.add_(torch.einsum("nhd,hdk->nhk", q_nope, b_uk) @ a, alpha=s)
+            else:
+                t = torch.einsum("nhd,hdk->nhk", q_nope[idx], b_uk)
+                q_lat.index_add_(0, idx, t @ a, alpha=s)
 
     def absorbed_output(
         self, name: str, o_lat: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, dn: int
@@ -391,10 +403,13 @@ class LoRABatch:
         """out [n, H, dv] += s * (o_lat [n, H, R] @ A.T) . B_UV for adapter rows."""
         for adapter, idx in self._segments(rows):
             w = adapter.weights.get(name)
-            if w is None or idx.numel() == 0:
+            if w is None or (idx is not None and idx.numel() == 0):
                 continue
             a, b, s = w
             h = out.shape[1]
             b_uv = b.view(h, -1, b.shape[-1])[:, dn:]  # [H, dv, r]
-            t = o_lat[idx] @ a.T  # [n, H, r]
-            out.index_add_(0, idx, torch.einsum("nhk,hvk->nhv", t, b_uv), alpha=s)
+            if idx is None:
+                out.add_(torch.einsum("nhk,hvk->nhv", o_lat @ a.T, b_uv), alpha=s)
+            else:
+                t = o_lat[idx] @ a.T  # [n, H, r]
+                out.index_add_(0, idx, torch.einsum("nhk,hvk->nhv", t, b_uv), alpha=s)
