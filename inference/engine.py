@@ -457,7 +457,8 @@ class Engine:
     def _on_token(self, seq: Sequence, logits: torch.Tensor) -> None:
         st: _State = seq.state
         p = st.params
-        out = torch.tensor(seq.output_ids, dtype=torch.int64)
+        penalised = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+        out = torch.tensor(seq.output_ids, dtype=torch.int64) if penalised else _NO_IDS
         token, info = sample(logits, p, st.generator, st.prompt_tensor, out)
         seq.output_ids.append(token)
         st.pending_ids.append(token)
@@ -521,6 +522,9 @@ class Engine:
         if self._seqs.pop(seq.request_id, None) is not None:
             self.adapters.unref(seq.adapter_path)
         self._emit_delta(seq, len(st.text), reason)
+
+
+_NO_IDS = torch.empty(0, dtype=torch.int64)  # output ids, where no penalty reads them
 
 
 def _find_stop(text: str, stops: list[str], sent: int) -> int | None:

@@ -32,7 +32,7 @@ from inference.kv_cache import PagedLatentCache
 from inference.lora import AdapterCache, LoRAAdapter
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queues test membership, field-wise == would compare lists
 class Sequence:
     """A request being served: its tokens, cache blocks and progress."""
 
