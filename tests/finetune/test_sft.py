@@ -682,3 +682,15 @@ def test_a_constant_schedule_holds_the_rate_after_warmup(model_dir):
     assert rates[:2] == pytest.approx([1e-3, 2e-3]) and rates[2:] == [3e-3] * 3
     with pytest.raises(ValueError, match="SFTConfig.lr_schedule"):
         _config(model_dir, lr_schedule="linear").validate()
+
+
+def test_token_accuracy_hits_are_the_argmax_hits():
+    from finetune.sft import _hits
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 40, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (64,), generator=g)
+    targets[::3] = logits.detach().argmax(-1)[::3]  # a third are hits for sure
+    hits = _hits(logits, targets)
+    assert int(hits) == int((logits.argmax(-1) == targets).sum()) >= 22
+    assert not hits.requires_grad
