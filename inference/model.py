@@ -309,7 +309,8 @@ class MoE(nn.Module):
         run it, scale by the router weights and add the result into the output in place.
         Every intermediate is one expert's block (a few hundred KiB, cache-resident) instead
         of the [tokens * k, hidden] gather, product and concatenation the autograd path
-        makes: 1.3-1.4x faster MoE layers in a 512-token float32 prefill."""
+        makes: small's nine MoE layers took 0.73 s instead of 0.77-0.83 s in a 512-token
+        float32 prefill."""
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.config.n_routed_experts).tolist()
