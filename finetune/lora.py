@@ -290,11 +290,7 @@ class _FP8LoraFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, q, scale, dense, a, b, h = ctx.saved_tensors
-        need_x, need_a, need_b = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[5],
-            ctx.needs_input_grad[6],
-        )
+        need_x, _, _, _, _, need_a, need_b, _ = ctx.needs_input_grad
         grad_h = (grad @ b).mul_(ctx.scaling) if need_x or need_a else None
         grad_x = None
         if need_x:
@@ -326,12 +322,11 @@ class FP8LoraLinear(PeftLoraLinear):
             or base.bias is not None
             or self.lora_B[name].bias is not None
             or not isinstance(self.lora_dropout[name], nn.Identity)
-            or x.dtype != base.compute_dtype
+            or not x.dtype == base.compute_dtype == self.lora_A[name].weight.dtype
+            or self.lora_B[name].weight.dtype != x.dtype
         ):
             return super().forward(x, *args, **kwargs)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if a.dtype != x.dtype or b.dtype != x.dtype:
-            return super().forward(x, *args, **kwargs)
         x2d = x.reshape(-1, x.shape[-1])
         y = _FP8LoraFunction.apply(
             x2d,
