@@ -13,6 +13,12 @@ shared. Sides run in turn ``--rounds`` times; the best round counts. Our fp32 lo
 checked against transformers'. transformers has no CPU FP8 path, so FP8 is compared with
 both fp32 sides.
 
+Our side runs with the malloc setting ``load_model`` applies on the CPU
+(``inference.host_memory``: freed memory is kept for reuse, not faulted in afresh on every
+forward). ``--anchor-same-malloc`` adds a fourth subprocess, transformers with that same
+setting, and reports the fp32 ratio against it as well: the share of the ratio that is the
+setting and the share that is the model code.
+
 Writes ``<out>/forward-<config>.json`` and prints the ratios. Targets on CPU: fp32 prefill
 >= 1.25x transformers; FP8 resident weights <= 30% of fp32.
 """
@@ -33,6 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a script, not a package: find `inference` from the checkout
 
 SIDES = ("hf_fp32", "ours_fp32", "ours_fp8")
+# transformers again, with the malloc setting load_model applies to our side
+# (inference.host_memory): how much of the fp32 ratio that setting is. --anchor-same-malloc.
+SAME_MALLOC_SIDE = "hf_fp32_retained"
 TARGET_FP32_SPEEDUP = 1.25
 TARGET_FP8_MEMORY = 0.30
 
@@ -74,9 +83,14 @@ def worker(
     if threads:
         torch.set_num_threads(threads)
 
+    if side == SAME_MALLOC_SIDE:
+        from inference.host_memory import retain_freed_memory
+
+        if not retain_freed_memory():
+            raise RuntimeError("this C library refused the malloc setting")
     rss_before = _rss_bytes()
     t0 = time.perf_counter()
-    if side == "hf_fp32":
+    if side.startswith("hf_fp32"):
         from transformers import DeepseekV3ForCausalLM
 
         model = DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
@@ -114,6 +128,9 @@ def worker(
         "rss_load_delta_bytes": None,
         "peak_rss_bytes": _peak_rss_bytes(),  # this process's peak, imports included
         "threads": torch.get_num_threads(),
+        "retains_freed_memory": bool(sys.modules["inference.host_memory"]._applied)
+        if "inference.host_memory" in sys.modules
+        else False,
     }
     out["rss_after_load_bytes"] = _rss_bytes()
     out["rss_load_delta_bytes"] = out["rss_after_load_bytes"] - rss_before
@@ -140,6 +157,10 @@ def run_side(side: str, ckpt: Path, args: argparse.Namespace, workdir: Path) -> 
     return json.loads(result.read_text())
 
 
+def _sides(args: argparse.Namespace) -> tuple[str, ...]:
+    return SIDES + ((SAME_MALLOC_SIDE,) if args.anchor_same_malloc else ())
+
+
 def bench_config(name: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -157,7 +178,7 @@ def bench_config(name: str, args: argparse.Namespace) -> dict:
         make_s = time.perf_counter() - t0
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
-            for side in SIDES:
+            for side in _sides(args):
                 r = run_side(side, ckpt, args, tmp)
                 if side not in best or r["prefill_s"] < best[side]["prefill_s"]:
                     best[side] = r
@@ -173,6 +194,10 @@ def bench_config(name: str, args: argparse.Namespace) -> dict:
         "fp32_peak_rss_vs_transformers": o32["peak_rss_bytes"] / hf["peak_rss_bytes"],
         "fp8_peak_rss_vs_ours_fp32": o8["peak_rss_bytes"] / o32["peak_rss_bytes"],
     }
+    if SAME_MALLOC_SIDE in best:
+        ratios["fp32_prefill_speedup_vs_transformers_same_malloc"] = (
+            best[SAME_MALLOC_SIDE]["prefill_s"] / o32["prefill_s"]
+        )
     return {
         "config": name,
         "config_file": str(config_path.relative_to(REPO)),
@@ -228,7 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny config, 32 tokens, 1 repeat, 1 round"
     )
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--anchor-same-malloc",
+        action="store_true",
+        help="also run transformers with the malloc setting our side gets "
+        "(inference.host_memory), and report that ratio too",
+    )
+    parser.add_argument("--worker", choices=SIDES + (SAME_MALLOC_SIDE,), help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
@@ -249,15 +280,20 @@ def main(argv: list[str] | None = None) -> int:
         r, a = report["ratios"], report["accuracy"]
         sides = report["sides"]
         print(f"== {name}: {args.tokens}-token prefill, batch 1 ==")
-        for side in SIDES:
+        for side in _sides(args):
             s = sides[side]
             print(
-                f"  {side:10s} {s['tokens_per_s']:9.1f} tok/s  weights {s['weight_bytes'] / 2**20:8.1f} MiB"
+                f"  {side:16s} {s['tokens_per_s']:9.1f} tok/s  weights {s['weight_bytes'] / 2**20:8.1f} MiB"
                 f"  peak RSS {s['peak_rss_bytes'] / 2**20:8.1f} MiB"
             )
         print(
             f"  fp32 prefill vs transformers: {r['fp32_prefill_speedup_vs_transformers']:.2f}x (target >= 1.25)"
         )
+        if SAME_MALLOC_SIDE in sides:
+            print(
+                "  fp32 prefill vs transformers with the same malloc setting: "
+                f"{r['fp32_prefill_speedup_vs_transformers_same_malloc']:.2f}x"
+            )
         print(f"  FP8 prefill vs transformers:  {r['fp8_prefill_speedup_vs_transformers']:.2f}x")
         print(f"  FP8 prefill vs our fp32:      {r['fp8_prefill_speed_vs_ours_fp32']:.2f}x")
         print(

@@ -30,6 +30,7 @@ from torch import nn
 from inference import fp8 as fp8_mod
 from inference.config import FP8_QUANTIZATION_CONFIG, ModelConfig
 from inference.cpu_linear import LinearKernels, use_measured_linear
+from inference.host_memory import retain_freed_memory
 from inference.model import Transformer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -223,6 +224,8 @@ def load_model(
     (default: a new one for this model; pass ``FP8Kernels(force=...)`` to pin a kernel).
     ``linear_kernels`` is the same for the float32 CPU linears (``inference.cpu_linear``):
     two models measuring separately may choose differently and so round differently.
+    On the CPU it also sets this process's malloc to keep freed memory for reuse
+    (``inference.host_memory``; ``ENCLAVE_RETAIN_FREED_MEMORY=0`` turns that off).
 
     Returns the model in eval mode with ``.config``. Raises CheckpointError (a ValueError)
     naming the file and tensor for a bad config, truncated or missing file, missing or
@@ -230,6 +233,8 @@ def load_model(
     """
     path = Path(path)
     device = torch.device(device)
+    if device.type == "cpu":
+        retain_freed_memory()  # no page faults on every forward's temporaries (host_memory)
     config = ModelConfig.from_json(path)
     config_file = path / "config.json"
     with CheckpointReader(path) as reader:
