@@ -128,9 +128,8 @@ def worker(
         "rss_load_delta_bytes": None,
         "peak_rss_bytes": _peak_rss_bytes(),  # this process's peak, imports included
         "threads": torch.get_num_threads(),
-        "retains_freed_memory": bool(sys.modules["inference.host_memory"]._applied)
-        if "inference.host_memory" in sys.modules
-        else False,
+        "retains_freed_memory": "inference.host_memory" in sys.modules
+        and sys.modules["inference.host_memory"].is_retaining(),
     }
     out["rss_after_load_bytes"] = _rss_bytes()
     out["rss_load_delta_bytes"] = out["rss_after_load_bytes"] - rss_before

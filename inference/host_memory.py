@@ -58,9 +58,14 @@ def retain_freed_memory(
     mallopt.restype = ctypes.c_int
     # The mmap threshold first: setting the trim threshold alone also freezes the mmap
     # threshold at its current (small) value, which makes matters worse.
-    # glibc before 2.35 caps the mmap threshold at 32 MiB: fall back to that cap.
+    # Some glibc releases cap the mmap threshold at 32 MiB: fall back to that cap.
     ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
     ok = ok or mallopt(_M_MMAP_THRESHOLD, min(mmap_threshold, _GLIBC_OLD_CAP)) == 1
     ok = ok and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
     _applied = ok
     return ok
+
+
+def is_retaining() -> bool:
+    """Whether ``retain_freed_memory`` has applied the setting in this process."""
+    return bool(_applied)
