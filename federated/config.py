@@ -62,6 +62,12 @@ class FederationConfig:
     min_available: int = 2  # members connected before a round starts
     min_train: int = 2  # replies needed for a round to count
     round_timeout_s: float = 300.0  # a member that has not replied by then is left out
+    # Once min_train members have replied to a round's training, wait at most this long for
+    # the rest, and as long for the evaluation replies once those members have answered
+    # (None: until round_timeout_s). A dead member's site then costs a round this
+    # grace, not the whole timeout: Flower marks a lost SuperNode offline only after missing
+    # two 30 s heartbeats.
+    straggler_timeout_s: float | None = None
     wait_for_nodes_s: float = 120.0  # how long a round waits for min_available members
     max_round_retries: int = 1  # a failed round is retried this many times, then the run fails
     # Privacy
@@ -99,6 +105,8 @@ class FederationConfig:
             raise ValueError("trim_fraction must be in [0, 0.5)")
         if self.round_timeout_s <= 0 or self.max_round_retries < 0:
             raise ValueError("round_timeout_s must be > 0 and max_round_retries >= 0")
+        if self.straggler_timeout_s is not None and self.straggler_timeout_s < 0:
+            raise ValueError(f"straggler_timeout_s must be >= 0: {self.straggler_timeout_s}")
         if self.secure_aggregation:
             # The server sees only the (weighted) sum: rules that need each member's update
             # cannot run on it.

@@ -10,7 +10,9 @@ after the current round.
 One round:
   1. wait (up to ``wait_for_nodes_s``) for ``min_available`` members;
   2. DP: refuse the round if it would exceed the privacy budget (the run ends);
-  3. train: the strategy's messages, replies collected until ``round_timeout_s``; a member
+  3. train: the strategy's messages, replies collected until ``round_timeout_s`` (or, once
+     ``min_train`` have replied, ``straggler_timeout_s`` more; evaluation likewise once
+     the members that trained have answered); a member
      that is killed or slow is left out and the round is "partial"; fewer than ``min_train``
      replies fail the round, which is retried up to ``max_round_retries`` times;
   4. with secure aggregation, four more message exchanges (query.secagg_*) so the server
@@ -199,6 +201,21 @@ class Federation:
         self.events.write(event="resume", round=first)
         return first
 
+    def _exchange(self, messages: list[Message], quorum: int) -> list[Message]:
+        """Send ``messages`` and collect the replies until ``round_timeout_s``, or until
+        ``straggler_timeout_s`` after ``quorum`` of them replied without an error."""
+        cfg = self.config
+        if cfg.straggler_timeout_s is None:
+            return list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
+        return list(  # FastPollGrid's extension: the ServerApp's Grid is one
+            self.grid.send_and_receive(
+                messages,
+                timeout=cfg.round_timeout_s,
+                quorum=quorum,
+                grace_s=cfg.straggler_timeout_s,
+            )
+        )
+
     def _round(self, rnd: int, attempt: int) -> None:
         cfg = self.config
         start = time.perf_counter()
@@ -219,7 +236,7 @@ class Federation:
         messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
         sent_to = [m.metadata.dst_node_id for m in messages]
         exchange_start = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
+        replies = self._exchange(messages, quorum=cfg.min_train)
         exchange_s = time.perf_counter() - exchange_start
         valid = [m for m in replies if not m.has_error()]
         errors = {m.metadata.src_node_id: m.error.reason for m in replies if m.has_error()}
@@ -269,7 +286,9 @@ class Federation:
             bytes_down += _nbytes(self.tensors) * len(eval_msgs)
             eval_replies = [
                 m
-                for m in self.grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout_s)
+                # Once every member that trained this round has answered, the rest get the
+                # straggler grace too.
+                for m in self._exchange(eval_msgs, quorum=min(len(valid), len(eval_msgs)))
                 if not m.has_error()
             ]
         per_member: dict[str, dict] = {}
@@ -559,6 +578,8 @@ class FastPollGrid:
     fixed 3 s between pulls, so every exchange (train, evaluate, each secure-aggregation
     stage) ended on a 3 s tick after its last reply. This pushes the messages and pulls with
     the Grid's own ``pull_messages`` every ``poll_s``; everything else is the wrapped Grid.
+    Given ``quorum`` and ``grace_s``, it stops waiting ``grace_s`` after the ``quorum``-th
+    reply without an error (FederationConfig.straggler_timeout_s).
     """
 
     def __init__(self, grid: Grid, poll_s: float = 0.1):
@@ -567,14 +588,26 @@ class FastPollGrid:
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self,
+        messages,
+        *,
+        timeout: float | None = None,
+        quorum: int | None = None,
+        grace_s: float | None = None,
+    ) -> list[Message]:
         pending = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        valid = 0
         while pending:
             got = list(self._grid.pull_messages(pending))
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
+            before, valid = valid, valid + sum(not m.has_error() for m in got)
+            if quorum is not None and grace_s is not None and before < quorum <= valid:
+                grace_end = time.monotonic() + grace_s
+                deadline = grace_end if deadline is None else min(deadline, grace_end)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.poll_s)

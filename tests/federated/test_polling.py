@@ -6,6 +6,9 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import time
+
+import pytest
 
 from federated.server_app import FastPollGrid
 from federated.supernode import _ShortSleeps
@@ -14,6 +17,9 @@ from federated.supernode import _ShortSleeps
 class _Reply:
     def __init__(self, reply_to: str):
         self.metadata = type("Metadata", (), {"reply_to_message_id": reply_to})()
+
+    def has_error(self) -> bool:
+        return self.metadata.reply_to_message_id.startswith("err")
 
 
 class SlowGrid:
@@ -48,6 +54,25 @@ def test_fast_poll_grid_collects_replies_as_they_come_and_stops_at_the_timeout()
     assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
 
 
+def test_once_the_quorum_replied_stragglers_get_only_the_grace():
+    # An error reply does not count towards the quorum: the grace starts at "b", pull 4.
+    grid = SlowGrid({"a": 1, "err": 2, "b": 4, "c": 6})
+    fast = FastPollGrid(grid, poll_s=0.001)
+    start = time.monotonic()
+    replies = fast.send_and_receive(
+        ["a", "err", "b", "c", "never"], timeout=60, quorum=2, grace_s=0.2
+    )
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c", "err"]
+    assert 0.2 <= time.monotonic() - start < 5  # not the 60 s timeout
+    # A grace longer than the timeout leaves the timeout in charge.
+    grid = SlowGrid({"a": 1, "b": 2})
+    start = time.monotonic()
+    replies = FastPollGrid(grid, poll_s=0.001).send_and_receive(
+        ["a", "b", "late"], timeout=0.1, quorum=1, grace_s=60
+    )
+    assert len(replies) == 2 and time.monotonic() - start < 5
+
+
 def test_the_supernode_sleeps_we_cap_are_still_flowers_fixed_ones():
     # If a Flower upgrade makes the idle poll configurable (or renames the module), this
     # fails and federated.supernode should use the setting instead.
@@ -69,3 +94,13 @@ def test_the_supernode_launcher_is_flowers_cli():
     )
     assert out.returncode == 0, out.stderr
     assert "--superlink" in out.stdout and "--auth-supernode-private-key" in out.stdout
+
+
+def test_the_straggler_grace_is_a_validated_config_field_that_travels():
+    from federated.config import FederationConfig
+
+    config = FederationConfig(model_path="m", straggler_timeout_s=12.5)
+    assert FederationConfig.from_dict(config.to_dict()).straggler_timeout_s == 12.5
+    config.straggler_timeout_s = -1
+    with pytest.raises(ValueError, match="straggler_timeout_s must be >= 0: -1"):
+        config.validate()

@@ -69,6 +69,11 @@ class FederationCreateForm(forms.Form):
         label="Round timeout (seconds)", min_value=1, required=False,
         help_text="A member that has not replied by then is left out of the round.",
     )  # fmt: skip
+    straggler_timeout_s = forms.FloatField(
+        label="Straggler grace (seconds)", min_value=0, required=False,
+        help_text="Once enough members have replied, wait this long for the rest; "
+        "empty: until the round timeout.",
+    )  # fmt: skip
     secure_aggregation = forms.BooleanField(label="Secure aggregation", required=False)
     dp_noise_multiplier = forms.FloatField(
         label="DP noise multiplier", required=False, min_value=0,
@@ -90,7 +95,7 @@ class FederationCreateForm(forms.Form):
 
     OPTIONAL = (
         "lora_alpha", "learning_rate", "batch_size", "max_seq_len", "eval_generations",
-        "round_timeout_s",
+        "round_timeout_s", "straggler_timeout_s",
     )  # fmt: skip
 
     def settings(self) -> dict:

@@ -37,7 +37,7 @@ SETTABLE = (
     "server_learning_rate", "lora_r", "lora_alpha", "targets", "learning_rate",
     "local_steps", "batch_size", "max_seq_len", "seed", "eval_generations",
     "eval_max_new_tokens", "min_available", "min_train", "round_timeout_s",
-    "secure_aggregation", "dp",
+    "straggler_timeout_s", "secure_aggregation", "dp",
 )  # fmt: skip
 
 
