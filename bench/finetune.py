@@ -2,6 +2,7 @@
 
     python bench/finetune.py                 # models/configs/tiny.json, the full settings
     python bench/finetune.py --quick --out DIR  # tiny sizes: a quick end-to-end check
+    python bench/finetune.py --quick --jobs 2   # the same, two sides at once (the test)
 
 One random ``DeepseekV3ForCausalLM`` is built from the config (transformers, seeded) and
 saved; ours is the same checkpoint converted to our FP8 format (what we ship and train on:
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -469,9 +471,11 @@ def bench(args: argparse.Namespace) -> dict:
                 ("ours_sft_fp32", "peft_sft"),
                 ("ours_grpo", "trl_grpo"),
             ]
-            for pair in pairs:
-                for side in pair if round_no % 2 == 0 else pair[::-1]:
-                    r = run_side(side, work, settings, args.threads)
+            order = [side for pair in pairs for side in (pair if round_no % 2 == 0 else pair[::-1])]
+            # --jobs 2 runs sides side by side: a smoke check's wall time, not a measurement.
+            with ThreadPoolExecutor(args.jobs) as pool:
+                results = pool.map(lambda side: run_side(side, work, settings, args.threads), order)
+                for side, r in zip(order, results, strict=True):
                     key = "tokens_per_s" if "_sft" in side else "steps_per_s"
                     if side not in best or r[key] > best[side][key]:
                         best[side] = r
@@ -491,6 +495,7 @@ def bench(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "settings": settings,
         "rounds": args.rounds,
+        "jobs": args.jobs,
         "sides": best,
         "ratios": ratios,
         "generation_share": {
@@ -538,6 +543,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 round: a smoke run")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="sides run at once (default 1; more only for a smoke run: sides that share the "
+        "CPUs do not measure anything)",
+    )
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)

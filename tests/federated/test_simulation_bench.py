@@ -23,7 +23,7 @@ def test_federated_bench_smoke_writes_its_results(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "federated.json").read_text())
     arms = set(report["accuracy"])
-    assert {"centralised", "federated fedavg", "federated ffa", "federated svd"} <= arms
+    assert {"centralised", "federated fedavg", "federated ffa"} <= arms  # svd: full runs only
     assert sum(a.startswith("local-only") for a in arms) == 3
     for arm in report["accuracy"].values():
         assert arm["test_loss"] > 0 and 0.0 <= arm["accuracy"] <= 1.0

@@ -13,7 +13,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_finetune_bench_quick_writes_json(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "finetune.py"), "--quick", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(REPO / "bench" / "finetune.py"),
+            "--quick",
+            "--jobs",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -22,7 +30,7 @@ def test_finetune_bench_quick_writes_json(tmp_path):
     assert "SFT tokens/s vs peft + transformers" in proc.stdout
     assert "GRPO steps/s vs TRL GRPOTrainer" in proc.stdout
     report = json.loads((tmp_path / "finetune.json").read_text())
-    assert report["quick"] is True and report["config"] == "tiny"
+    assert report["quick"] is True and report["config"] == "tiny" and report["jobs"] == 2
     sides = report["sides"]
     sft_sides = ("ours_sft", "peft_sft", "ours_sft_fp32", "peft_sft_bf16")
     assert set(sides) == {*sft_sides, "ours_grpo", "trl_grpo"}
