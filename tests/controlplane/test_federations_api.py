@@ -101,8 +101,17 @@ def test_federation_lifecycle_with_consent_and_schedule(consortium, base_model):
         ({"settings": {"learning_rate_of_doom": 1}}, "settings.learning_rate_of_doom"),
         ({"training_file": "file-nope"}, "training_file"),
         ({"min_participants": 0}, "min_participants"),
+        ({"settings": {"straggler_timeout_s": -1}}, "settings"),
     ],
-    ids=["base-model", "cron", "aggregation", "unknown-setting", "file", "min-participants"],
+    ids=[
+        "base-model",
+        "cron",
+        "aggregation",
+        "unknown-setting",
+        "file",
+        "min-participants",
+        "negative-straggler-grace",
+    ],  # fmt: skip
 )
 def test_bad_federations_are_refused(consortium, base_model, change, param):
     owner = consortium["st-anne"]
@@ -154,7 +163,8 @@ def test_a_federated_round_runs_end_to_end_and_members_chat_with_the_result(
         "training_file": owner.upload(),
         "settings": {"aggregation": "fedavg", "lora_r": 2, "lora_alpha": 4, "local_steps": 2,
                      "batch_size": 2, "max_seq_len": 64, "eval_generations": 0,
-                     "min_available": 2, "min_train": 2, "round_timeout_s": 240},
+                     "min_available": 2, "min_train": 2, "round_timeout_s": 240,
+                     "straggler_timeout_s": 120},
     }).json()  # fmt: skip
     owner("POST", f"/federations/{fed['id']}/invite", json={"tenant": "st-bart"})
     bart("POST", f"/federations/{fed['id']}/accept", json={"training_file": bart.upload()})
