@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.jobs < 1 or (args.jobs > 1 and not args.quick):
+        parser.error("--jobs must be 1, or more only with --quick (shared CPUs measure nothing)")
     if args.make:
         make_checkpoints(args.make, args.work, args.layers, args.seed)
         return 0

@@ -205,16 +205,10 @@ class Federation:
         """Send ``messages`` and collect the replies until ``round_timeout_s``, or until
         ``straggler_timeout_s`` after ``quorum`` of them replied without an error."""
         cfg = self.config
-        if cfg.straggler_timeout_s is None:
-            return list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
-        return list(  # FastPollGrid's extension: the ServerApp's Grid is one
-            self.grid.send_and_receive(
-                messages,
-                timeout=cfg.round_timeout_s,
-                quorum=quorum,
-                grace_s=cfg.straggler_timeout_s,
-            )
-        )
+        grace = {}  # FastPollGrid's extension (the ServerApp's Grid is one)
+        if cfg.straggler_timeout_s is not None:
+            grace = {"quorum": quorum, "grace_s": cfg.straggler_timeout_s}
+        return list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout_s, **grace))
 
     def _round(self, rnd: int, attempt: int) -> None:
         cfg = self.config

@@ -111,7 +111,7 @@ def test_federation_lifecycle_with_consent_and_schedule(consortium, base_model):
         "file",
         "min-participants",
         "negative-straggler-grace",
-    ],  # fmt: skip
+    ],
 )
 def test_bad_federations_are_refused(consortium, base_model, change, param):
     owner = consortium["st-anne"]
