@@ -63,8 +63,8 @@ class FederationConfig:
     min_train: int = 2  # replies needed for a round to count
     round_timeout_s: float = 300.0  # a member that has not replied by then is left out
     # Once min_train members have replied to a round's training, wait at most this long for
-    # the rest, and as long for the evaluation replies once those members have answered
-    # (None: until round_timeout_s). A dead member's site then costs a round this
+    # the rest, and as long for the evaluation replies once those members have answered;
+    # never less than the quorum itself took (None: until round_timeout_s). A dead member's site then costs a round this
     # grace, not the whole timeout: Flower marks a lost SuperNode offline only after missing
     # two 30 s heartbeats.
     straggler_timeout_s: float | None = None

@@ -572,8 +572,9 @@ class FastPollGrid:
     fixed 3 s between pulls, so every exchange (train, evaluate, each secure-aggregation
     stage) ended on a 3 s tick after its last reply. This pushes the messages and pulls with
     the Grid's own ``pull_messages`` every ``poll_s``; everything else is the wrapped Grid.
-    Given ``quorum`` and ``grace_s``, it stops waiting ``grace_s`` after the ``quorum``-th
-    reply without an error (FederationConfig.straggler_timeout_s).
+    Given ``quorum`` and ``grace_s``, it stops waiting ``grace_s`` (or as long as the quorum
+    took, if longer) after the ``quorum``-th reply without an error
+    (FederationConfig.straggler_timeout_s).
     """
 
     def __init__(self, grid: Grid, poll_s: float = 0.1):
@@ -591,7 +592,8 @@ class FastPollGrid:
         grace_s: float | None = None,
     ) -> list[Message]:
         pending = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
         replies: list[Message] = []
         valid = 0
         while pending:
@@ -600,7 +602,10 @@ class FastPollGrid:
             pending -= {m.metadata.reply_to_message_id for m in got}
             before, valid = valid, valid + sum(not m.has_error() for m in got)
             if quorum is not None and grace_s is not None and before < quorum <= valid:
-                grace_end = time.monotonic() + grace_s
+                # At least as long again as the quorum took: a round that is slow for
+                # everyone (cold starts, a loaded host) does not cut off the slowest.
+                now = time.monotonic()
+                grace_end = now + max(grace_s, now - start)
                 deadline = grace_end if deadline is None else min(deadline, grace_end)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break

@@ -71,6 +71,13 @@ def test_once_the_quorum_replied_stragglers_get_only_the_grace():
         ["a", "b", "late"], timeout=0.1, quorum=1, grace_s=60
     )
     assert len(replies) == 2 and time.monotonic() - start < 5
+    # A quorum that took long stretches the grace to as long again: "c" comes at 1.5 times
+    # the quorum's time, far past the 0.01 s grace alone (about 10 pulls).
+    grid = SlowGrid({"a": 1, "b": 200, "c": 300})
+    replies = FastPollGrid(grid, poll_s=0.001).send_and_receive(
+        ["a", "b", "c", "late"], timeout=60, quorum=2, grace_s=0.01
+    )
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
 
 
 def test_the_supernode_sleeps_we_cap_are_still_flowers_fixed_ones():
